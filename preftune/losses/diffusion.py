@@ -1,0 +1,1 @@
+"""Objectives: diffusion (see LOSSES.md)."""

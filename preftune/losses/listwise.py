@@ -1,0 +1,1 @@
+"""Objectives: listwise (see LOSSES.md)."""

@@ -1,0 +1,171 @@
+"""One table of objectives. The CLI choices, config validation, ``preftune losses``, the docs table
+and the parametrised tests are all driven from it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Shape = Literal["paired", "unpaired", "listwise"]
+Reference = Literal["none", "logps", "live_logits"]
+Normalisation = Literal["sum", "mean"]
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyperparameter with its default and valid range (bounds inclusive unless stated)."""
+
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    help: str = ""
+    choices: tuple | None = None
+
+    def range_text(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+
+    def check(self, value: Any) -> str | None:
+        """Return an error text, or None when ``value`` is valid."""
+        if self.choices is not None:
+            return None if value in self.choices else f"must be {self.range_text()}"
+        if isinstance(self.default, bool):
+            return None if isinstance(value, bool) else "must be true or false"
+        if isinstance(self.default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"must be a number in {self.range_text()}"
+            if isinstance(self.default, int) and not isinstance(self.default, bool) and value != int(value):
+                return "must be an integer"
+            if math.isnan(value):
+                return "must not be NaN"
+            if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+                return f"must be in {self.range_text()}"
+            if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+                return f"must be in {self.range_text()}"
+        return None
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registry entry: the function and everything the rest of preftune needs to know about it."""
+
+    name: str
+    fn: Callable
+    summary: str
+    paper: str
+    arxiv: str | None
+    shape: Shape
+    reference: Reference
+    normalisation: Normalisation
+    hyperparameters: dict[str, Hyper] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ()  # engine/data inputs beyond sequence log-probs and lengths
+    state: Callable[[], Any] | None = None  # factory of a state object (state_dict/load_state_dict)
+    min_responses: int = 2  # listwise objectives that need more than two responses say so
+    notes: str = ""
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.reference != "none"
+
+    def defaults(self) -> dict[str, Any]:
+        return {k: h.default for k, h in self.hyperparameters.items()}
+
+    def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults overlaid with ``overrides``; raises ValueError naming the objective and range."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(self.hyperparameters))
+        if unknown:
+            known = ", ".join(sorted(self.hyperparameters)) or "none"
+            raise ValueError(f"objective '{self.name}' has no hyperparameter {', '.join(unknown)} (it takes: {known})")
+        params = self.defaults()
+        for k, v in overrides.items():
+            err = self.hyperparameters[k].check(v)
+            if err:
+                raise ValueError(f"objective '{self.name}': {k}={v!r} {err}")
+            params[k] = v
+        return params
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(
+    name: str,
+    *,
+    summary: str,
+    paper: str,
+    arxiv: str | None,
+    shape: Shape = "paired",
+    reference: Reference = "logps",
+    normalisation: Normalisation = "sum",
+    hyperparameters: dict[str, Hyper] | None = None,
+    inputs: tuple[str, ...] = (),
+    state: Callable[[], Any] | None = None,
+    min_responses: int = 2,
+    notes: str = "",
+) -> Callable[[Callable], Callable]:
+    """Decorator that adds a loss function to the registry under ``name``."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"objective '{name}' registered twice")
+        _REGISTRY[name] = Objective(
+            name=name,
+            fn=fn,
+            summary=summary,
+            paper=paper,
+            arxiv=arxiv,
+            shape=shape,
+            reference=reference,
+            normalisation=normalisation,
+            hyperparameters=dict(hyperparameters or {}),
+            inputs=tuple(inputs),
+            state=state,
+            min_responses=min_responses,
+            notes=notes,
+        )
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    # Importing the modules runs their @register decorators; done lazily so `import preftune` stays fast.
+    from preftune.losses import (  # noqa: F401
+        diffusion,
+        listwise,
+        pairwise,
+        reward,
+        selfplay,
+        token,
+        unpaired,
+    )
+
+
+def get(name: str) -> Objective:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown objective '{name}'.{hint} Run `preftune losses` for the list.") from None
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def all_objectives() -> list[Objective]:
+    _load_all()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]

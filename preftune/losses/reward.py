@@ -1,0 +1,1 @@
+"""Objectives: reward (see LOSSES.md)."""

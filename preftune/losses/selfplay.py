@@ -1,0 +1,1 @@
+"""Objectives: selfplay (see LOSSES.md)."""

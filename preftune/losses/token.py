@@ -1,0 +1,1 @@
+"""Objectives: token (see LOSSES.md)."""

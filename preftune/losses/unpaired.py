@@ -1,0 +1,1 @@
+"""Objectives: unpaired (see LOSSES.md)."""
