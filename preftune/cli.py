@@ -13,6 +13,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """preftune: learning from preferences."""
+
+
 @app.command("losses")
 def losses_cmd() -> None:
     """List every objective in the registry: name, paper, data shape, reference need, defaults."""
