@@ -1,0 +1,169 @@
+"""The one typed config of `preftune train`: YAML fills it, flags and ``--set key=value`` override it.
+
+Every option's help text lives on its field; the CLI and the docs read it from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # --- what to train
+    model: str = Field("smollm2-135m-instruct", description="HF folder, hub id, local .gguf, or the alias smollm2-135m-instruct")
+    data: str | None = Field(None, description="training data: .jsonl/.json/.parquet file or a saved HF dataset folder")
+    split: str | None = Field(None, description="split to read from a dataset folder with several splits (default: train)")
+    eval_data: str | None = Field(None, description="held-out data in the same formats; its metrics are logged as eval/*")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the training data held out for eval when eval_data is unset")
+    output: str = Field("runs/preftune", description="output folder: checkpoints, metrics.jsonl, plots and the final model")
+
+    # --- objective
+    loss: str = Field("dpo", description="objective name from `preftune losses`")
+    beta: float | None = Field(None, description="shortcut for loss_params.beta")
+    loss_params: dict[str, Any] = Field(default_factory=dict, description="objective hyperparameters (see `preftune losses`)")
+    pair_strategy: Literal["best_worst", "all", "adjacent"] = Field(
+        "best_worst", description="how pairs are built from scored or ranked lists"
+    )
+
+    # --- tokenisation
+    max_length: int = Field(1024, gt=1, description="longest prompt + response in tokens")
+    max_prompt_length: int = Field(512, gt=0, description="longest prompt in tokens (truncated first)")
+    truncation_mode: Literal["keep_end", "keep_start"] = Field("keep_end", description="which end of an over-long prompt to keep")
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto", description="apply the tokenizer's chat template: auto = to conversations only"
+    )
+    skip_invalid: bool = Field(False, description="drop invalid records (reported with a count) instead of failing")
+
+    # --- optimisation
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data when max_steps is unset")
+    batch_size: int = Field(4, gt=0, description="prompts (groups) per device per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    learning_rate: float = Field(5e-6, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps of linear warm-up")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null: no clipping)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast with float32 master weights and losses")
+    seed: int = Field(0, description="seed for data order, initialisation of adapters and dropout")
+    disable_dropout: bool = Field(True, description="turn dropout off so policy and reference see the same network")
+
+    # --- reference
+    reference: Literal["auto", "live", "precompute", "none"] = Field(
+        "auto",
+        description="auto: precompute when the objective needs only reference log-probs, live for live logits; "
+        "none is allowed only for reference-free objectives",
+    )
+    ref_cache_dir: str | None = Field(None, description="where precomputed reference log-probs are cached (default ~/.cache/preftune/ref)")
+
+    # --- LoRA
+    lora: bool = Field(False, description="train LoRA adapters; the reference is the base model with adapters off")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_target: str | list[str] = Field("all-linear", description="modules to adapt")
+    merge_lora: bool = Field(False, description="also save merged full weights in output/merged")
+
+    # --- engine
+    logits_chunk: int = Field(1024, gt=0, description="response positions per LM-head chunk")
+    length_grouping: bool = Field(True, description="batch prompts of similar length together (less padding)")
+
+    # --- bookkeeping
+    logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")
+    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept (oldest deleted)")
+    resume: bool = Field(False, description="continue from the latest checkpoint in output")
+    save_model: bool = Field(True, description="save the final model with save_pretrained")
+    plot: bool = Field(True, description="write training curves as PNG at the end")
+    progress: bool = Field(True, description="show a live progress bar")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from preftune.losses import get
+
+        get(v)  # raises KeyError with suggestions
+        return v
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> TrainConfig:
+        obj = self.objective()
+        obj.resolve(self.loss_hyperparameters())  # range check with the objective's name in the error
+        if self.reference == "none" and obj.needs_reference:
+            raise ValueError(f"objective '{obj.name}' needs a reference model; reference=none is not allowed")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        return self
+
+    def objective(self):
+        from preftune.losses import get
+
+        return get(self.loss)
+
+    def loss_hyperparameters(self) -> dict[str, Any]:
+        params = dict(self.loss_params)
+        if self.beta is not None:
+            params["beta"] = self.beta
+        return params
+
+    def resolved_reference(self) -> str:
+        obj = self.objective()
+        if not obj.needs_reference:
+            return "none"
+        if obj.reference == "live_logits":
+            return "live"
+        if self.reference == "auto":
+            return "precompute"
+        return self.reference
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "lora=true"]`` → nested dict with YAML-typed values."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """YAML (if given) overlaid with ``overrides`` (None values ignored), validated once."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{p}: the top level must be a mapping of option: value")
+        data.update(loaded)
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}
+        else:
+            data[k] = v
+    return TrainConfig.model_validate(data)

@@ -1,0 +1,108 @@
+"""From a data path to tokenised examples of the shape the objective needs, validated first."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from preftune.train.config import TrainConfig
+
+
+@dataclass
+class TokenizedSet:
+    examples: list  # data.TokenizedExample
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        return [len(e.prompt_ids) + sum(len(r) for r in e.response_ids) for e in self.examples]
+
+
+def derive(records, obj, cfg: TrainConfig):
+    """Records → examples of the objective's data shape."""
+    from preftune import data
+
+    if obj.shape == "paired":
+        return data.to_pairs(records, strategy=cfg.pair_strategy)
+    if obj.shape == "unpaired":
+        return data.to_unpaired(records)
+    return data.to_lists(records)
+
+
+def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=print):
+    """Read, validate (every bad record reported with file, line and field) and derive examples."""
+    from preftune import data
+
+    records = data.load_records(path, split=split)
+    kept, issues = data.validate_records(
+        records,
+        objective_shape=obj.shape,
+        min_responses=obj.min_responses,
+        tokenizer=tokenizer,
+        max_prompt_length=cfg.max_prompt_length,
+        skip_invalid=cfg.skip_invalid,
+    )
+    if issues:
+        log(f"skipped {len(records) - len(kept)} invalid record(s) of {len(records)} in {path} (--skip-invalid)")
+    examples = derive(kept, obj, cfg)
+    if not examples:
+        raise ValueError(f"{path}: no usable {obj.shape} examples for objective '{obj.name}'")
+    check_inputs(examples, obj, path)
+    return examples
+
+
+def check_inputs(examples, obj, source: str) -> None:
+    """The objective's declared inputs must be present in the data (e.g. win_probs for SPPO)."""
+    data_keys = set(examples[0].inputs) if examples else set()
+    engine_keys = {"token_logps", "token_kl", "kl_logps", "ref_kl_logps", "prev_logps"}
+    missing = [k for k in obj.inputs if k not in data_keys and k not in engine_keys]
+    if missing:
+        raise ValueError(
+            f"{source}: objective '{obj.name}' needs the column(s) {', '.join(missing)} "
+            f"({obj.shape} data); found: {', '.join(sorted(data_keys)) or 'none'}"
+        )
+    if obj.shape == "listwise":
+        too_few = [e for e in examples if len(e.responses) < obj.min_responses]
+        if too_few:
+            e = too_few[0]
+            raise ValueError(
+                f"{e.source}:{e.line}: objective '{obj.name}' needs at least {obj.min_responses} responses per prompt"
+            )
+
+
+def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) -> TokenizedSet:
+    from preftune.data import tokenize_example
+
+    toks = [
+        tokenize_example(
+            ex, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+            truncation_mode=cfg.truncation_mode, chat_template=cfg.chat_template,
+        )
+        for ex in examples
+    ]
+    truncated = sum(1 for t in toks if getattr(t, "truncated", False))
+    if truncated:
+        log(f"{name}: {truncated} of {len(toks)} examples truncated to max_length={cfg.max_length}, "
+            f"max_prompt_length={cfg.max_prompt_length} ({cfg.truncation_mode})")
+    return TokenizedSet(toks, name)
+
+
+def prepare(cfg: TrainConfig, obj, tokenizer, train_examples=None, eval_examples=None, log=print):
+    if train_examples is None:
+        if cfg.data is None:
+            raise ValueError("no training data: pass --data PATH (or data: in the config)")
+        train_examples = load_examples(cfg.data, obj, cfg, tokenizer, split=cfg.split, log=log)
+    if eval_examples is None and cfg.eval_data is not None:
+        eval_examples = load_examples(cfg.eval_data, obj, cfg, tokenizer, log=log)
+    elif eval_examples is None and cfg.eval_fraction > 0:
+        idx = list(range(len(train_examples)))
+        random.Random(cfg.seed).shuffle(idx)
+        n_eval = max(1, int(round(cfg.eval_fraction * len(idx))))
+        held = set(idx[:n_eval])
+        eval_examples = [train_examples[i] for i in sorted(held)]
+        train_examples = [e for i, e in enumerate(train_examples) if i not in held]
+    train_set = tokenize_all(train_examples, tokenizer, cfg, "train", log)
+    eval_set = tokenize_all(eval_examples, tokenizer, cfg, "eval", log) if eval_examples else None
+    return train_set, eval_set

@@ -1,0 +1,305 @@
+"""The optimisation loop: one screenful per phase (setup, step, evaluate, checkpoint, save)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+
+from preftune.model.engine import LogProbEngine, live_reference_inputs, pack, policy_stats, reference_stats
+from preftune.train import checkpoint as ckpt
+from preftune.train.config import TrainConfig
+from preftune.train.outputs import MetricsLogger, plot_metrics
+from preftune.train.trainer import lr_lambda, now, steps_for
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def setup_models(cfg: TrainConfig, model):
+    """(policy, frozen reference or None). LoRA needs no reference copy: its reference is the base
+    model with the adapter disabled. Full fine-tuning keeps a frozen copy only for a live reference."""
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.lora:
+        from preftune.model import LoraSettings, apply_lora
+
+        torch.manual_seed(cfg.seed)
+        model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                                target_modules=cfg.lora_target))
+        return model, None
+    if cfg.resolved_reference() == "live":
+        from preftune.model import frozen_reference_copy
+
+        return model, frozen_reference_copy(model)
+    return model, None
+
+
+class Runner:
+    def __init__(self, cfg: TrainConfig, obj, params, acc, policy, ref_model, tokenizer, train_set, eval_set):
+        self.cfg, self.obj, self.params, self.acc = cfg, obj, params, acc
+        self.tokenizer, self.train_set, self.eval_set = tokenizer, train_set, eval_set
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.ref_mode = cfg.resolved_reference()
+        self.need_tokens = bool({"token_logps", "token_kl"} & set(obj.inputs)) or obj.reference == "live_logits"
+        self.loss_state = obj.state() if obj.state is not None else None
+        self.world = acc.num_processes
+        self.total, self.per_epoch = steps_for(cfg, len(train_set), self.world)
+        self.step, self.history = 0, []
+
+        policy.train()
+        params_to_train = [p for p in policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params_to_train, lr=cfg.learning_rate, betas=cfg.adam_betas,
+                                weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.total))
+        self.engine, self.opt, self.sched = acc.prepare(LogProbEngine(policy, cfg.logits_chunk), opt, sched)
+        self.base_engine = acc.unwrap_model(self.engine)
+        self.ref_model = ref_model.to(acc.device) if ref_model is not None else None
+        self.out = cfg.output_dir
+        self.ckpt_root = self.out / "checkpoints"
+        self.ref_cache = None
+
+    # ------------------------------------------------------------------ data order
+    def order(self, epoch: int) -> list[int]:
+        from preftune.data import length_grouped_order, shuffled_order
+
+        if self.cfg.length_grouping:
+            return length_grouped_order(self.train_set.lengths(), self.cfg.batch_size, self.cfg.seed, epoch)
+        return shuffled_order(len(self.train_set), self.cfg.seed, epoch)
+
+    def step_micro_batches(self, step: int) -> tuple[list[list[int]], int]:
+        """This process's micro-batches (lists of example indices) for global ``step`` and the
+        number of examples in the whole global step (all processes)."""
+        epoch, pos = divmod(step, self.per_epoch)
+        per_step = self.cfg.batch_size * self.cfg.grad_accum * self.world
+        order = self.order(epoch)
+        global_idx = order[pos * per_step : (pos + 1) * per_step]
+        per_proc = self.cfg.batch_size * self.cfg.grad_accum
+        mine = global_idx[self.acc.process_index * per_proc : (self.acc.process_index + 1) * per_proc]
+        micro = [mine[i : i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
+        return [m for m in micro if m], len(global_idx)
+
+    # ------------------------------------------------------------------ one micro-batch
+    def forward_loss(self, dataset, indices: list[int], grad: bool):
+        from preftune.data import collate
+
+        batch = collate([dataset.examples[i] for i in indices])
+        packed = pack(batch.prompt_ids, batch.response_ids, self.pad_id, device=self.acc.device)
+        extra = {}
+        if self.ref_mode == "live" and self.obj.reference == "live_logits":
+            extra = live_reference_inputs(self.base_engine, packed, self.ref_model)
+        with torch.set_grad_enabled(grad), self.acc.autocast():
+            out = self.engine(**packed.tensors(), **extra)
+        policy, ref = policy_stats(packed, out, need_tokens=self.need_tokens, inputs=batch.inputs)
+        if ref is None and self.ref_mode != "none":
+            ref = self.reference_for(dataset, indices, packed)
+        kwargs = dict(self.params)
+        if self.loss_state is not None:
+            kwargs["state"] = self.loss_state if grad else None
+        result = self.obj.fn(policy.to(torch.float32), ref.to(torch.float32) if ref is not None else None, **kwargs)
+        return result, policy, batch
+
+    def reference_for(self, dataset, indices, packed):
+        if self.ref_mode == "precompute" and dataset is self.train_set and self.ref_cache is not None:
+            return self.ref_cache.batch(indices, packed.K, self.need_tokens, device=self.acc.device)
+        with self.acc.autocast():
+            return reference_stats(self.base_engine, packed, self.ref_model, self.need_tokens)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> dict[str, float]:
+        micro, n_global = self.step_micro_batches(self.step)
+        sums: dict[str, torch.Tensor] = {}
+        t0, tokens = now(), 0
+        for i, indices in enumerate(micro):
+            sync = i == len(micro) - 1
+            ctx = self.acc.no_sync(self.engine) if not sync else contextlib.nullcontext()
+            with ctx:
+                result, policy, batch = self.forward_loss(self.train_set, indices, grad=True)
+                # Sum here, divide by the global example count: exact mean over the global batch.
+                loss = result.losses.sum() / n_global * self.world
+                self.acc.backward(loss)
+            tokens += batch.num_tokens
+            _accumulate(sums, result, policy)
+        grad_norm = self.clip()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        metrics = self.reduce(sums)
+        elapsed = now() - t0
+        tok_total = float(self.acc.reduce(torch.tensor(float(tokens), device=self.acc.device), "sum"))
+        metrics.update(grad_norm=grad_norm, lr=self.sched.get_last_lr()[0], **{"tokens/s": tok_total / elapsed})
+        return metrics
+
+    def clip(self) -> float:
+        params = [p for p in self.engine.parameters() if p.requires_grad]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        return float(self.acc.clip_grad_norm_(params, max_norm))
+
+    def reduce(self, sums: dict) -> dict[str, float]:
+        """Means over every example of every micro-batch and process (NaN entries excluded)."""
+        keys = sorted(sums)
+        if not keys:
+            return {}
+        vec = torch.stack([torch.stack(sums[k]) for k in keys]).to(self.acc.device)  # (n_keys, 2)
+        vec = self.acc.reduce(vec, "sum").cpu()
+        return {k: t / c if c > 0 else float("nan") for k, (t, c) in zip(keys, vec.tolist())}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        n = len(self.eval_set)
+        idx = list(range(self.acc.process_index, n, self.world))
+        for s in range(0, len(idx), self.cfg.batch_size):
+            result, policy, _ = self.forward_loss(self.eval_set, idx[s : s + self.cfg.batch_size], grad=False)
+            _accumulate(sums, result, policy)
+        self.engine.train()
+        return {"eval/" + k: v for k, v in self.reduce(sums).items()}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        resume_from = self.maybe_resume()
+        if self.ref_mode == "precompute":
+            self.ref_cache = precompute_reference(self)
+        logger = MetricsLogger(self.out, enabled=acc.is_main_process, resume_step=resume_from)
+        bar = _progress(self.total, self.step, enabled=cfg.progress and acc.is_main_process)
+        try:
+            while self.step < self.total:
+                metrics = self.train_step()
+                self.step += 1
+                if cfg.eval_steps and self.eval_set is not None and self.step % cfg.eval_steps == 0:
+                    metrics.update(self.evaluate())
+                if self.step % cfg.logging_steps == 0 or self.step == self.total:
+                    logger.log(self.step, metrics)
+                    self.history.append({"step": self.step, **metrics})
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics), refresh=False)
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total:
+                    self.save_checkpoint()
+            if self.eval_set is not None and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
+                final_eval = self.evaluate()
+                logger.log(self.step, final_eval)
+                self.history.append({"step": self.step, **final_eval})
+        finally:
+            bar.close()
+            logger.close()
+        if cfg.plot and acc.is_main_process and (self.out / "metrics.jsonl").exists():
+            plot_metrics(self.out / "metrics.jsonl", self.out / "training_curves.png")
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "total": self.total, "seed": self.cfg.seed, "loss": self.cfg.loss}
+        return ckpt.save_checkpoint(
+            self.ckpt_root, self.step, model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
+            trainer_state=state, loss_state=self.loss_state, process_index=self.acc.process_index,
+            is_main=self.acc.is_main_process, wait=self.acc.wait_for_everyone, keep=self.cfg.save_total_limit,
+        )
+
+    def maybe_resume(self) -> int | None:
+        if not self.cfg.resume:
+            return None
+        found = ckpt.list_checkpoints(self.ckpt_root)
+        if not found:
+            self.acc.print(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0")
+            return None
+        state = ckpt.load_checkpoint(found[-1], model=self.base_engine.model, optimizer=self.opt,
+                                     scheduler=self.sched, loss_state=self.loss_state,
+                                     process_index=self.acc.process_index)
+        if state.get("loss") != self.cfg.loss:
+            raise ValueError(f"{found[-1]}: checkpoint was trained with loss={state.get('loss')}, not {self.cfg.loss}")
+        self.step = int(state["step"])
+        self.acc.print(f"resumed from {found[-1]} at step {self.step}")
+        return self.step
+
+    def save_final(self) -> Path | None:
+        from preftune.model import save_final
+
+        self.acc.wait_for_everyone()
+        target = self.out / "model"
+        if self.acc.is_main_process:
+            save_final(self.base_engine.model, self.tokenizer, target, merge_lora=self.cfg.merge_lora)
+        self.acc.wait_for_everyone()
+        return target
+
+
+def precompute_reference(runner: Runner):
+    """Reference token log-probs for every training example, from the disk cache when the model,
+    data and tokenisation are unchanged; computed once otherwise (in this process's share)."""
+    from preftune.data import collate
+    from preftune.model.reference import (
+        ReferenceCache, cache_key, data_fingerprint, default_cache_dir, model_fingerprint,
+    )
+
+    cfg, acc = runner.cfg, runner.acc
+    ref_model = runner.ref_model if runner.ref_model is not None else runner.base_engine.model
+    key = cache_key(model_fingerprint(ref_model), data_fingerprint(runner.train_set.examples),
+                    {"precision": cfg.precision, "pad": runner.pad_id})
+    path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
+    path = path / f"{key}.safetensors"
+    if path.exists():
+        acc.print(f"reference log-probs: cache hit {path}")
+        return ReferenceCache.load(path)
+    acc.print(f"reference log-probs: computing for {len(runner.train_set)} examples (cached at {path})")
+    token_logps: list = [None] * len(runner.train_set)
+    engine = runner.base_engine
+    was_training = engine.training
+    engine.eval()
+    bs = max(1, cfg.batch_size)
+    for s in range(0, len(runner.train_set), bs):
+        idx = list(range(s, min(s + bs, len(runner.train_set))))
+        batch = collate([runner.train_set.examples[i] for i in idx])
+        packed = pack(batch.prompt_ids, batch.response_ids, runner.pad_id, device=acc.device)
+        with acc.autocast():
+            ref = reference_stats(engine, packed, runner.ref_model, need_tokens=True)
+        for b, i in enumerate(idx):
+            n_resp = len(runner.train_set.examples[i].response_ids)
+            token_logps[i] = [ref.token_logps[b, k, : int(packed.lengths[b, k])].float().cpu() for k in range(n_resp)]
+    engine.train(was_training)
+    cache = ReferenceCache(token_logps)
+    if acc.is_main_process:
+        cache.save(path)
+    return cache
+
+
+def _accumulate(sums: dict, result, policy) -> None:
+    """Per-example sums and counts of the logged quantities. A metric is a (B,) tensor (a scalar is
+    taken as the value of every example); NaN entries mean "not applicable" and are not counted
+    (e.g. chosen rewards on the undesirable rows of an unpaired batch)."""
+
+    def add(key: str, values: torch.Tensor) -> None:
+        v = values.detach().float().reshape(-1).cpu()
+        if v.numel() == 1 and policy.batch_size > 1:
+            v = v.expand(policy.batch_size)
+        ok = ~torch.isnan(v)
+        total, count = sums.get(key, (torch.zeros(()), torch.zeros(())))
+        sums[key] = (total + v[ok].sum(), count + ok.sum())
+
+    add("loss", result.losses)
+    if result.chosen_rewards is not None and result.rejected_rewards is not None:
+        add("rewards/chosen", result.chosen_rewards)
+        add("rewards/rejected", result.rejected_rewards)
+        add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
+        add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
+    if policy.num_responses >= 2:
+        add("logps/chosen", policy.logps[:, 0])
+        add("logps/rejected", policy.logps[:, 1])
+    for k, v in result.metrics.items():
+        if v.dim() == 0 or v.shape[0] == policy.batch_size:
+            add(k, v)
+
+
+def _postfix(m: dict) -> dict:
+    keys = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "tokens/s": "tok/s"}
+    return {short: f"{m[k]:.3g}" for k, short in keys.items() if k in m and m[k] is not None and math.isfinite(m[k])}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,102 @@
+"""The training loop on accelerate. Phases, top to bottom: data → model → reference → loop → save.
+
+Reduction happens here, once: every micro-batch contributes ``sum(losses) / examples in the global
+step``, scaled by the process count to undo DDP's gradient averaging. Gradient accumulation and data
+parallelism therefore give the same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from preftune.train.config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path | None
+    steps: int
+    metrics: list[dict] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` with objective ``cfg.loss``.
+
+    Library callers may pass already-derived ``train_examples``/``eval_examples`` (data.Example lists)
+    and/or an already-loaded ``model``/``tokenizer`` (the demo does, to reuse what it sampled with).
+    Nothing is written to ``cfg.output`` until the data has been validated and the model loaded.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from preftune.train import data_prep, loop
+
+    obj = cfg.objective()
+    params = obj.resolve(cfg.loss_hyperparameters())
+    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    set_seed(cfg.seed)
+
+    # ---- data (validated and tokenised before anything is written)
+    if tokenizer is None:
+        from preftune.model import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+    train_set, eval_set = data_prep.prepare(cfg, obj, tokenizer, train_examples, eval_examples, log=acc.print)
+
+    # ---- model
+    if model is None:
+        from preftune.model import load_model
+
+        model, _ = load_model(cfg.model, dtype="float32")
+    policy, ref_model = loop.setup_models(cfg, model)
+
+    # ---- output folder (first write)
+    out = cfg.output_dir
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    acc.wait_for_everyone()
+
+    runner = loop.Runner(cfg, obj, params, acc, policy, ref_model, tokenizer, train_set, eval_set)
+    runner.run()
+    model_dir = runner.save_final() if cfg.save_model else None
+    return TrainResult(out, model_dir, runner.step, runner.history)
+
+
+def steps_for(cfg: TrainConfig, n_examples: int, world: int) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch) for ``n_examples`` groups."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    per_epoch = max(1, math.ceil(n_examples / per_step))
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(per_epoch * cfg.epochs))
+    return total, per_epoch
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    warm = int(round(cfg.warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1 - progress)
+
+    return f
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def to_cpu_float(x: torch.Tensor) -> float:
+    return float(x.detach().float().cpu())
