@@ -142,6 +142,7 @@ def _load_all() -> None:
         diffusion,
         listwise,
         pairwise,
+        reference_free,
         reward,
         selfplay,
         token,

@@ -1,0 +1,64 @@
+"""Which kinds of tests cover each registered objective. Every name in ``preftune.losses.names()`` must
+have an entry (a new objective without tests fails here).
+
+Kinds: golden (LOSSES.md Appendix A or a hand-derived value), parity (independent float64 formula,
+loss and gradients, B = 1 and B = 7), property (limits, reductions, invariances), stability (finite
+loss and gradients at |Δ| ≈ 1e4 in float32), state (state_dict round trip / resume).
+
+Keep it a literal dict, one line per objective; several engineers append to it.
+"""
+
+from preftune.losses import names
+
+KINDS = {"golden", "parity", "property", "stability", "state"}
+
+COVERAGE = {
+    # Part A — tests/losses/test_pairwise.py
+    "dpo": {"golden", "parity", "property", "stability"},
+    "cdpo": {"golden", "parity", "property", "stability"},
+    "rdpo": {"golden", "parity", "property", "stability"},
+    "ipo": {"golden", "parity", "stability"},
+    "ipo_sum": {"golden", "parity", "stability"},
+    "hinge": {"golden", "parity", "stability"},
+    "dpo_nll": {"golden", "parity", "stability"},
+    "rpo_liu2024": {"parity", "property", "stability"},
+    "fdpo_forward_kl": {"golden", "parity", "property", "stability"},
+    "fdpo_js": {"golden", "parity", "stability"},
+    "fdpo_alpha": {"golden", "parity", "property", "stability"},
+    "exo_pair": {"golden", "parity", "property", "stability"},
+    "nca_pair": {"golden", "parity", "stability"},
+    "bco_pair": {"golden", "parity", "property", "stability", "state"},
+    "apo_zero": {"golden", "parity", "property", "stability"},
+    "apo_down": {"golden", "parity", "stability"},
+    "beta_dpo": {"parity", "property", "stability", "state"},
+    "madpo": {"parity", "property", "stability"},
+    "ld_dpo": {"parity", "property", "stability"},
+    "sem_dpo": {"parity", "property", "stability"},
+    "adpo": {"parity", "property", "stability"},
+    "simpo": {"golden", "parity", "property", "stability"},
+    "orpo": {"golden", "parity", "stability"},
+    # Part B — tests/losses/test_reference_free.py
+    "cpo": {"golden", "parity", "property", "stability"},
+    "slic_hf": {"golden", "parity", "property", "stability"},
+    "asft": {"golden", "parity", "stability"},
+    "tpo": {"golden", "parity", "property", "stability"},
+    "tpo_l": {"parity", "property", "stability"},
+    # Part C — tests/losses/test_unpaired.py
+    "kto": {"golden", "parity", "property", "stability"},
+    "bco": {"parity", "property", "stability", "state"},
+    "apo_zero_unpaired": {"parity", "property", "stability"},
+    # Parts D–H (token, self-play, listwise, reward, diffusion): append below, one line per objective.
+}
+
+
+def test_every_registered_objective_has_coverage():
+    missing = sorted(set(names()) - set(COVERAGE))
+    assert not missing, f"objectives without a COVERAGE entry (add tests, then a line here): {missing}"
+
+
+def test_coverage_entries_are_registered_and_well_formed():
+    stale = sorted(set(COVERAGE) - set(names()))
+    assert not stale, f"COVERAGE lists objectives that are not registered: {stale}"
+    for name, kinds in COVERAGE.items():
+        assert kinds and kinds <= KINDS, f"{name}: unknown test kinds {sorted(kinds - KINDS)}"
+        assert kinds & {"golden", "parity"}, f"{name}: needs a golden value or a float64 parity test"
