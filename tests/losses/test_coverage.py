@@ -48,6 +48,34 @@ COVERAGE = {
     "bco": {"parity", "property", "stability", "state"},
     "apo_zero_unpaired": {"parity", "property", "stability"},
     # Parts D–H (token, self-play, listwise, reward, diffusion): append below, one line per objective.
+    # Part D — tests/losses/test_token.py
+    "tdpo1": {"golden", "parity", "property", "stability"},
+    "tdpo2": {"golden", "parity", "property", "stability"},
+    "sparsepo": {"parity", "property", "stability"},
+    "tgdpo": {"parity", "property", "stability"},
+    "oreo": {"parity", "property", "stability"},
+    # Part E — tests/losses/test_selfplay.py
+    "sppo": {"golden", "parity", "property", "stability"},
+    "sppo_single": {"parity", "stability"},
+    "sppo_hard": {"golden", "parity", "property", "stability"},
+    "dno": {"parity", "property", "stability"},
+    "inpo": {"golden", "parity", "property", "stability"},
+    # Part F — tests/losses/test_listwise.py
+    "pro": {"parity", "property", "stability"},
+    "irpo_ranking": {"parity", "property", "stability"},
+    "nca_k": {"parity", "property", "stability"},
+    "infonca_k": {"parity", "property", "stability"},
+    "exo_k": {"parity", "property", "stability"},
+    "adpo_list": {"parity", "property", "stability"},
+    # Part G — tests/losses/test_reward_losses.py
+    "rm_bt": {"golden", "parity", "stability"},
+    "rm_bt_margin": {"golden", "parity", "stability"},
+    "rm_bt_scaled": {"golden", "parity", "stability"},
+    "rm_regression": {"parity", "property"},
+    "rm_gpm": {"golden", "parity", "property", "stability"},
+    # Part H — tests/losses/test_diffusion.py
+    "diffusion_dpo": {"golden", "parity", "property", "stability"},
+    "smpo_diffusion": {"parity", "property", "stability"},
 }
 
 
