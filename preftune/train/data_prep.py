@@ -20,33 +20,20 @@ class TokenizedSet:
         return [len(e.prompt_ids) + sum(len(r) for r in e.response_ids) for e in self.examples]
 
 
-def derive(records, obj, cfg: TrainConfig):
-    """Records → examples of the objective's data shape."""
-    from preftune import data
-
-    if obj.shape == "paired":
-        return data.to_pairs(records, strategy=cfg.pair_strategy)
-    if obj.shape == "unpaired":
-        return data.to_unpaired(records)
-    return data.to_lists(records)
-
-
 def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=print):
-    """Read, validate (every bad record reported with file, line and field) and derive examples."""
+    """Read, validate (every bad record reported with file, line and field) and derive examples of
+    the objective's data shape."""
     from preftune import data
 
-    records = data.load_records(path, split=split)
-    kept, issues = data.validate_records(
-        records,
-        objective_shape=obj.shape,
-        min_responses=obj.min_responses,
-        tokenizer=tokenizer,
-        max_prompt_length=cfg.max_prompt_length,
-        skip_invalid=cfg.skip_invalid,
+    records, issues = data.load_and_validate(
+        path, objective_shape=obj.shape, split=split, skip_invalid=cfg.skip_invalid,
+        min_responses=obj.min_responses, tokenizer=tokenizer, max_prompt_length=cfg.max_prompt_length,
+        chat_template=cfg.chat_template,
     )
     if issues:
-        log(f"skipped {len(records) - len(kept)} invalid record(s) of {len(records)} in {path} (--skip-invalid)")
-    examples = derive(kept, obj, cfg)
+        log(f"skipped {len(issues)} problem(s) in {path} (--skip-invalid); first: {issues[0]}")
+    examples = data.derive_examples(records, obj.shape, pair_strategy=cfg.pair_strategy) \
+        if obj.shape != "listwise" else data.derive_examples(records, obj.shape)
     if not examples:
         raise ValueError(f"{path}: no usable {obj.shape} examples for objective '{obj.name}'")
     check_inputs(examples, obj, path)
@@ -73,19 +60,16 @@ def check_inputs(examples, obj, source: str) -> None:
 
 
 def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) -> TokenizedSet:
-    from preftune.data import tokenize_example
+    from preftune.data import tokenize_examples, truncation_counts
 
-    toks = [
-        tokenize_example(
-            ex, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            truncation_mode=cfg.truncation_mode, chat_template=cfg.chat_template,
-        )
-        for ex in examples
-    ]
-    truncated = sum(1 for t in toks if getattr(t, "truncated", False))
-    if truncated:
-        log(f"{name}: {truncated} of {len(toks)} examples truncated to max_length={cfg.max_length}, "
-            f"max_prompt_length={cfg.max_prompt_length} ({cfg.truncation_mode})")
+    toks = tokenize_examples(
+        examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        truncation_mode=cfg.truncation_mode, chat_template=cfg.chat_template,
+    )
+    counts = truncation_counts(toks)
+    if any(counts.values()):
+        log(f"{name}: truncated {counts} (max_length={cfg.max_length}, "
+            f"max_prompt_length={cfg.max_prompt_length}, {cfg.truncation_mode})")
     return TokenizedSet(toks, name)
 
 

@@ -62,7 +62,13 @@ class Runner:
         self.ref_model = ref_model.to(acc.device) if ref_model is not None else None
         self.out = cfg.output_dir
         self.ckpt_root = self.out / "checkpoints"
-        self.ref_cache = None
+        # Before anything trains (and before a resume loads trained weights): with a full fine-tune
+        # and no frozen copy, the untouched policy is the reference.
+        self.ref_caches = {}
+        if self.ref_mode == "precompute":
+            for ds in (train_set, eval_set):
+                if ds is not None:
+                    self.ref_caches[ds.name] = precompute_reference(self, ds)
 
     # ------------------------------------------------------------------ data order
     def order(self, epoch: int) -> list[int]:
@@ -105,8 +111,8 @@ class Runner:
         return result, policy, batch
 
     def reference_for(self, dataset, indices, packed):
-        if self.ref_mode == "precompute" and dataset is self.train_set and self.ref_cache is not None:
-            return self.ref_cache.batch(indices, packed.K, self.need_tokens, device=self.acc.device)
+        if dataset.name in self.ref_caches:
+            return self.ref_caches[dataset.name].batch(indices, packed.K, self.need_tokens, device=self.acc.device)
         with self.acc.autocast():
             return reference_stats(self.base_engine, packed, self.ref_model, self.need_tokens)
 
@@ -166,8 +172,6 @@ class Runner:
     def run(self) -> None:
         cfg, acc = self.cfg, self.acc
         resume_from = self.maybe_resume()
-        if self.ref_mode == "precompute":
-            self.ref_cache = precompute_reference(self)
         logger = MetricsLogger(self.out, enabled=acc.is_main_process, resume_step=resume_from)
         bar = _progress(self.total, self.step, enabled=cfg.progress and acc.is_main_process)
         try:
@@ -223,12 +227,12 @@ class Runner:
         self.acc.wait_for_everyone()
         target = self.out / "model"
         if self.acc.is_main_process:
-            save_final(self.base_engine.model, self.tokenizer, target, merge_lora=self.cfg.merge_lora)
+            save_final(self.base_engine.model, self.tokenizer, target, merge_lora=self.cfg.merge_lora, overwrite=True)
         self.acc.wait_for_everyone()
         return target
 
 
-def precompute_reference(runner: Runner):
+def precompute_reference(runner: Runner, dataset):
     """Reference token log-probs for every training example, from the disk cache when the model,
     data and tokenisation are unchanged; computed once otherwise (in this process's share)."""
     from preftune.data import collate
@@ -237,28 +241,34 @@ def precompute_reference(runner: Runner):
     )
 
     cfg, acc = runner.cfg, runner.acc
-    ref_model = runner.ref_model if runner.ref_model is not None else runner.base_engine.model
-    key = cache_key(model_fingerprint(ref_model), data_fingerprint(runner.train_set.examples),
+    ref_weights = runner.ref_model if runner.ref_model is not None else runner.base_engine.model
+    key = cache_key(model_fingerprint(ref_weights), data_fingerprint(dataset.examples),
                     {"precision": cfg.precision, "pad": runner.pad_id})
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
     path = path / f"{key}.safetensors"
     if path.exists():
         acc.print(f"reference log-probs: cache hit {path}")
         return ReferenceCache.load(path)
-    acc.print(f"reference log-probs: computing for {len(runner.train_set)} examples (cached at {path})")
-    token_logps: list = [None] * len(runner.train_set)
+    acc.print(f"reference log-probs: computing for {len(dataset)} examples (cached at {path})")
+    token_logps: list = [None] * len(dataset)
+    from preftune.model import is_peft_model
+
     engine = runner.base_engine
+    # Before the first step a full fine-tune's policy *is* the reference; LoRA disables its adapter.
+    ref_model = runner.ref_model
+    if ref_model is None and not is_peft_model(engine.model):
+        ref_model = engine.model
     was_training = engine.training
     engine.eval()
     bs = max(1, cfg.batch_size)
-    for s in range(0, len(runner.train_set), bs):
-        idx = list(range(s, min(s + bs, len(runner.train_set))))
-        batch = collate([runner.train_set.examples[i] for i in idx])
+    for s in range(0, len(dataset), bs):
+        idx = list(range(s, min(s + bs, len(dataset))))
+        batch = collate([dataset.examples[i] for i in idx])
         packed = pack(batch.prompt_ids, batch.response_ids, runner.pad_id, device=acc.device)
         with acc.autocast():
-            ref = reference_stats(engine, packed, runner.ref_model, need_tokens=True)
+            ref = reference_stats(engine, packed, ref_model, need_tokens=True)
         for b, i in enumerate(idx):
-            n_resp = len(runner.train_set.examples[i].response_ids)
+            n_resp = len(dataset.examples[i].response_ids)
             token_logps[i] = [ref.token_logps[b, k, : int(packed.lengths[b, k])].float().cpu() for k in range(n_resp)]
     engine.train(was_training)
     cache = ReferenceCache(token_logps)

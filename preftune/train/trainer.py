@@ -24,15 +24,12 @@ class TrainResult:
     model_dir: Path | None
     steps: int
     metrics: list[dict] = field(default_factory=list)
+    model: object = None  # the trained (possibly PEFT-wrapped) model, still in memory
 
 
-def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data`` with objective ``cfg.loss``.
-
-    Library callers may pass already-derived ``train_examples``/``eval_examples`` (data.Example lists)
-    and/or an already-loaded ``model``/``tokenizer`` (the demo does, to reuse what it sampled with).
-    Nothing is written to ``cfg.output`` until the data has been validated and the model loaded.
-    """
+def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None):
+    """Everything up to the first optimizer step: data (validated and tokenised before anything is
+    written), models, optimizer, output folder. Returns the ``loop.Runner``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -43,7 +40,7 @@ def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenize
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
     set_seed(cfg.seed)
 
-    # ---- data (validated and tokenised before anything is written)
+    # ---- data
     if tokenizer is None:
         from preftune.model import load_tokenizer
 
@@ -57,17 +54,27 @@ def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenize
         model, _ = load_model(cfg.model, dtype="float32")
     policy, ref_model = loop.setup_models(cfg, model)
 
-    # ---- output folder (first write)
+    # ---- output folder (the first write)
     out = cfg.output_dir
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     acc.wait_for_everyone()
+    return loop.Runner(cfg, obj, params, acc, policy, ref_model, tokenizer, train_set, eval_set)
 
-    runner = loop.Runner(cfg, obj, params, acc, policy, ref_model, tokenizer, train_set, eval_set)
+
+def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` with objective ``cfg.loss``.
+
+    Library callers may pass already-derived ``train_examples``/``eval_examples`` (data.Example lists)
+    and/or an already-loaded ``model``/``tokenizer`` (the demo does, to reuse what it sampled with).
+    Nothing is written to ``cfg.output`` until the data has been validated and the model loaded.
+    """
+    runner = build_runner(cfg, train_examples=train_examples, eval_examples=eval_examples,
+                          tokenizer=tokenizer, model=model)
     runner.run()
     model_dir = runner.save_final() if cfg.save_model else None
-    return TrainResult(out, model_dir, runner.step, runner.history)
+    return TrainResult(cfg.output_dir, model_dir, runner.step, runner.history, runner.base_engine.model)
 
 
 def steps_for(cfg: TrainConfig, n_examples: int, world: int) -> tuple[int, int]:

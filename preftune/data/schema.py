@@ -1,0 +1,87 @@
+"""The one record type every reader produces, and the error type every data check reports through.
+
+A :class:`PreferenceRecord` holds one prompt and the ``K`` responses written for it, plus whatever
+preference signal the data carries (scores, a ranking, explicit pairs, unpaired labels). Pairs,
+lists and unpaired examples are all *derived* from records (``derive.py``), so a reader never has
+to know which objective will train on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, Any]
+Text = str | list[Message]  # plain text, or chat messages [{"role": ..., "content": ...}, ...]
+
+# How many issues a DataError prints; all of them stay in ``.issues``.
+MAX_PRINTED_ISSUES = 50
+
+
+@dataclass
+class PreferenceRecord:
+    """One prompt with ``K`` responses and its preference signal (DESIGN.md, "Data model").
+
+    Readers are lenient: a missing or mistyped field is stored as found (``None`` for missing) so
+    that :func:`preftune.data.validate_records` can report every problem at once, with the name
+    the field had in the file (``origin`` maps record paths such as ``"responses[0]"`` to the
+    source's column, e.g. ``"chosen"``).
+    """
+
+    prompt: Text | None
+    responses: list[Text | None]
+    scores: list[float] | None = None  # one per response, higher is better
+    ranking: list[int] | None = None  # response indices, best first
+    pairs: list[tuple[int, int]] | None = None  # (winner, loser) indices
+    labels: list[bool] | None = None  # one per response: desirable / undesirable
+    # Extra numeric columns: a number per record, or a list with one number per response
+    # (HelpSteer2's other ratings, win probabilities, judge scores...). Derivation carries them
+    # into ``Example.inputs`` under the same key.
+    attributes: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+    line: int = 0  # 1-based line in JSONL/JSON; row index + 1 for Parquet and datasets
+    origin: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_responses(self) -> int:
+        return len(self.responses) if isinstance(self.responses, list) else 0
+
+    @property
+    def is_conversational(self) -> bool:
+        """True when the prompt or any response is a list of chat messages."""
+        return isinstance(self.prompt, list) or any(isinstance(r, list) for r in self.responses or [])
+
+    def field_name(self, path: str) -> str:
+        """The name of a record field as the source spelled it (``responses[1]`` -> ``rejected``)."""
+        return self.origin.get(path, path)
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """One problem in one record, located well enough to fix it in an editor."""
+
+    source: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.field}: {self.message}"
+
+
+class DataError(Exception):
+    """Raised with *every* issue found; the message lists the first ``MAX_PRINTED_ISSUES``."""
+
+    def __init__(self, issues: list[DataIssue]):
+        self.issues = list(issues)
+        super().__init__(format_issues(self.issues))
+
+
+def format_issues(issues: list[DataIssue], limit: int = MAX_PRINTED_ISSUES) -> str:
+    """``N problem(s) in the data:`` followed by one ``path:line: field: message`` per issue."""
+    n = len(issues)
+    head = f"{n} problem{'s' if n != 1 else ''} in the data:"
+    lines = [f"  {issue}" for issue in issues[:limit]]
+    if n > limit:
+        lines.append(f"  ... and {n - limit} more")
+    return "\n".join([head, *lines])

@@ -1,0 +1,355 @@
+"""Check records before training: every problem in every record, each with file, line and field.
+
+Checks run in two passes per record. The structural pass (types, emptiness, lengths, indices,
+finiteness) must be clean before the shape pass asks the derivation code whether the record gives
+the objective what it needs (a pair, a label, a long enough list), so that derivation can assume
+well-formed records and the two can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from .derive import preference_scores, record_pairs
+from .readers import is_finite_number, is_number, load_records
+from .schema import DataError, DataIssue, PreferenceRecord
+
+Shape = Literal["paired", "unpaired", "listwise"]
+OverlongPrompt = Literal["error", "truncate"]
+SHAPES = ("paired", "unpaired", "listwise")
+
+Problem = tuple[str, str]  # (record path, message); turned into a DataIssue with the source's names
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Structural checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_messages(messages: list, path: str) -> list[Problem]:
+    if not messages:
+        return [(path, "empty (no messages)")]
+    problems = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            problems.append(
+                (f"{path}[{i}]", f"expected a chat message {{role, content}}, got {_type_name(m)}")
+            )
+            continue
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                what = "missing" if m.get(key) is None else f"expected a string, got {_type_name(m[key])}"
+                problems.append((f"{path}[{i}].{key}", what))
+    if not problems and not any(m["content"].strip() for m in messages):
+        problems.append((path, "empty (every message is blank)"))
+    return problems
+
+
+def _check_text(value: Any, path: str) -> list[Problem]:
+    """A prompt or response: non-blank text or well-formed chat messages."""
+    if value is None:
+        return [(path, "missing")]
+    if isinstance(value, str):
+        return [] if value.strip() else [(path, "empty")]
+    if isinstance(value, list):
+        return _check_messages(value, path)
+    return [(path, f"expected a string or a list of chat messages, got {_type_name(value)}")]
+
+
+def _score_problem(v: Any) -> str | None:
+    if v is None:
+        return "missing"
+    if not is_number(v):
+        return f"expected a number, got {_type_name(v)}"
+    return None if is_finite_number(v) else f"is {v} (scores must be finite)"
+
+
+def _label_problem(v: Any) -> str | None:
+    # 0/1 integers are common in exported datasets and mean the same thing.
+    if v is None:
+        return "missing"
+    return None if isinstance(v, bool) or v in (0, 1) and is_number(v) else f"expected true/false, got {v!r}"
+
+
+# Per-response list fields: one value per response, each checked by its function.
+PER_RESPONSE: dict[str, Callable[[Any], str | None]] = {"scores": _score_problem, "labels": _label_problem}
+
+
+def _check_per_response(record: PreferenceRecord, name: str, k: int) -> list[Problem]:
+    values = getattr(record, name)
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        return [(name, f"expected a list with one value per response, got {_type_name(values)}")]
+    if len(values) != k:
+        return [(name, f"has {len(values)} values for {k} responses")]
+    check = PER_RESPONSE[name]
+    return [(f"{name}[{i}]", msg) for i, v in enumerate(values) if (msg := check(v)) is not None]
+
+
+def _check_ranking(ranking: Any, k: int) -> list[Problem]:
+    if ranking is None:
+        return []
+    if not isinstance(ranking, list):
+        return [("ranking", f"expected a list of response indices, got {_type_name(ranking)}")]
+    if len(ranking) != k:
+        return [("ranking", f"has {len(ranking)} values for {k} responses")]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking) or sorted(ranking) != list(
+        range(k)
+    ):
+        return [("ranking", f"{ranking} is not a permutation of 0..{k - 1}")]
+    return []
+
+
+def _check_pairs(pairs: Any, k: int) -> list[Problem]:
+    if pairs is None:
+        return []
+    if not isinstance(pairs, list):
+        return [("pairs", f"expected a list of [winner, loser] index pairs, got {_type_name(pairs)}")]
+    problems = []
+    for n, pair in enumerate(pairs):
+        path = f"pairs[{n}]"
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        ):
+            problems.append((path, f"expected [winner, loser] indices, got {pair!r}"))
+        elif not all(0 <= i < k for i in pair):
+            problems.append((path, f"{list(pair)} has an index out of range for {k} responses"))
+        elif pair[0] == pair[1]:
+            problems.append((path, f"{list(pair)} pairs a response with itself"))
+    return problems
+
+
+def _check_attributes(attributes: dict[str, Any]) -> list[Problem]:
+    # Extra numeric columns become model inputs; a NaN there poisons a loss silently.
+    problems = []
+    for key, value in attributes.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(is_finite_number(v) for v in values):
+            problems.append((key, "has a value that is NaN or infinite"))
+    return problems
+
+
+def structural_problems(record: PreferenceRecord) -> list[Problem]:
+    """Types, blank text, per-response lengths, index ranges and finiteness."""
+    problems = _check_text(record.prompt, "prompt")
+    responses = record.responses
+    if not isinstance(responses, list):
+        problems.append(
+            (
+                "responses",
+                "missing"
+                if responses is None
+                else f"expected a list of responses, got {_type_name(responses)}",
+            )
+        )
+        return problems
+    for i, r in enumerate(responses):
+        problems += _check_text(r, f"responses[{i}]")
+    k = len(responses)
+    for name in PER_RESPONSE:
+        problems += _check_per_response(record, name, k)
+    problems += _check_ranking(record.ranking, k)
+    problems += _check_pairs(record.pairs, k)
+    problems += _check_attributes(record.attributes)
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Shape checks: does the record give the objective what it needs?
+# --------------------------------------------------------------------------------------------
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a.strip() == b.strip()
+    return a == b
+
+
+def _paired(record: PreferenceRecord, min_responses: int) -> list[DataIssue]:
+    pairs, issue = record_pairs(record)
+    if issue is not None:
+        return [issue]
+    return [
+        DataIssue(
+            record.source,
+            record.line,
+            record.field_name(f"responses[{l}]"),
+            f"identical to {record.field_name(f'responses[{w}]')} (a pair needs two different responses)",
+        )
+        for w, l in pairs
+        if _same(record.responses[w], record.responses[l])
+    ]
+
+
+def _unpaired(record: PreferenceRecord, min_responses: int) -> list[DataIssue]:
+    if record.labels is not None:
+        return []
+    if record.num_responses < 2:
+        return [
+            DataIssue(
+                record.source,
+                record.line,
+                record.field_name("labels"),
+                "missing (an unpaired example needs a desirable/undesirable label)",
+            )
+        ]
+    return _paired(record, min_responses)
+
+
+def _listwise(record: PreferenceRecord, min_responses: int) -> list[DataIssue]:
+    k = record.num_responses
+    if k < min_responses:
+        return [
+            DataIssue(
+                record.source,
+                record.line,
+                "responses",
+                f"{k} responses; this objective needs lists of at least {min_responses}",
+            )
+        ]
+    scores, name = preference_scores(record)
+    if scores is None:
+        return (
+            []
+            if k == 2 and len(record.pairs or [(0, 1)]) == 1
+            else [
+                DataIssue(
+                    record.source,
+                    record.line,
+                    "scores",
+                    f"missing: nothing orders the {k} responses (give scores or a ranking)",
+                )
+            ]
+        )
+    if len(set(scores)) == 1:
+        return [
+            DataIssue(record.source, record.line, record.field_name(name), f"no preference: all {name} equal")
+        ]
+    return []
+
+
+SHAPE_CHECKS: dict[str, Callable[[PreferenceRecord, int], list[DataIssue]]] = {
+    "paired": _paired,
+    "unpaired": _unpaired,
+    "listwise": _listwise,
+}
+
+
+def record_issues(
+    record: PreferenceRecord,
+    *,
+    objective_shape: Shape,
+    min_responses: int = 2,
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    overlong_prompt: OverlongPrompt = "truncate",
+    chat_template: str = "auto",
+) -> list[DataIssue]:
+    """Every issue of one record (structural first; shape and length only when structure is sound)."""
+    problems = structural_problems(record)
+    if problems:
+        return [
+            DataIssue(record.source, record.line, _source_path(record, path), msg) for path, msg in problems
+        ]
+    issues = SHAPE_CHECKS[objective_shape](record, min_responses)
+    if tokenizer is not None and max_prompt_length is not None and overlong_prompt == "error":
+        from .tokenize import prompt_token_count
+
+        n = prompt_token_count(record.prompt, tokenizer, chat_template)
+        if n > max_prompt_length:
+            issues.append(
+                DataIssue(
+                    record.source,
+                    record.line,
+                    record.field_name("prompt"),
+                    f"{n} tokens, longer than max_prompt_length={max_prompt_length}",
+                )
+            )
+    return issues
+
+
+def _source_path(record: PreferenceRecord, path: str) -> str:
+    """``responses[1][0].content`` -> ``rejected[0].content``: name fields as the file does."""
+    head, bracket, rest = path.partition("]")
+    if bracket and (head + "]") in record.origin:
+        return record.origin[head + "]"] + rest
+    return record.field_name(path)
+
+
+def validate_records(
+    records: list[PreferenceRecord],
+    *,
+    objective_shape: Shape,
+    min_responses: int = 2,
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    overlong_prompt: OverlongPrompt = "truncate",
+    chat_template: str = "auto",
+    skip_invalid: bool = False,
+) -> tuple[list[PreferenceRecord], list[DataIssue]]:
+    """``(valid records, issues)``; raises :class:`DataError` with all issues unless ``skip_invalid``.
+
+    With ``skip_invalid`` the bad records are dropped and their issues returned so the caller can
+    report a count. No records at all (or none valid) is always an error.
+    """
+    if objective_shape not in SHAPES:
+        raise ValueError(f"objective_shape must be one of {SHAPES}, got {objective_shape!r}")
+    if overlong_prompt not in ("error", "truncate"):
+        raise ValueError(f"overlong_prompt must be 'error' or 'truncate', got {overlong_prompt!r}")
+    if not records:
+        raise DataError([DataIssue("<data>", 0, "<file>", "no records")])
+    valid, issues = [], []
+    for record in records:
+        found = record_issues(
+            record,
+            objective_shape=objective_shape,
+            min_responses=min_responses,
+            tokenizer=tokenizer,
+            max_prompt_length=max_prompt_length,
+            overlong_prompt=overlong_prompt,
+            chat_template=chat_template,
+        )
+        issues += found
+        if not found:
+            valid.append(record)
+    if issues and not skip_invalid:
+        raise DataError(issues)
+    if not valid:
+        raise DataError(issues + [DataIssue(records[0].source, 0, "<file>", "no valid records left")])
+    return valid, issues
+
+
+def load_and_validate(
+    source: Any,
+    *,
+    objective_shape: Shape,
+    split: str | None = None,
+    shape_hint: str | None = None,
+    skip_invalid: bool = False,
+    **checks: Any,
+) -> tuple[list[PreferenceRecord], list[DataIssue]]:
+    """Read and validate in one go; with ``skip_invalid`` unreadable lines are skipped too.
+
+    ``checks`` are :func:`validate_records`' keyword arguments (``min_responses``, ``tokenizer``...).
+    """
+    read_issues: list[DataIssue] = []
+    records = load_records(source, split=split, shape_hint=shape_hint, issues=read_issues)
+    if read_issues and not skip_invalid:
+        # Report unreadable lines together with the problems of the readable ones.
+        try:
+            validate_records(records, objective_shape=objective_shape, **checks)
+        except DataError as e:
+            raise DataError(sorted(read_issues + e.issues, key=lambda i: i.line)) from None
+        raise DataError(read_issues)
+    valid, issues = validate_records(
+        records, objective_shape=objective_shape, skip_invalid=skip_invalid, **checks
+    )
+    return valid, sorted(read_issues + issues, key=lambda i: i.line)
