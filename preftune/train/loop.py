@@ -132,13 +132,14 @@ class Runner:
             tokens += batch.num_tokens
             _accumulate(sums, result, policy)
         grad_norm = self.clip()
+        lr = self.sched.get_last_lr()[0]  # the rate this update uses
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         metrics = self.reduce(sums)
         elapsed = now() - t0
         tok_total = float(self.acc.reduce(torch.tensor(float(tokens), device=self.acc.device), "sum"))
-        metrics.update(grad_norm=grad_norm, lr=self.sched.get_last_lr()[0], **{"tokens/s": tok_total / elapsed})
+        metrics.update(grad_norm=grad_norm, lr=lr, **{"tokens/s": tok_total / elapsed})
         return metrics
 
     def clip(self) -> float:

@@ -37,7 +37,10 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
 
     obj = cfg.objective()
     params = obj.resolve(cfg.loss_hyperparameters())
-    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    # cpu=True when there is no accelerator: only then does accelerate form a gloo process group
+    # from torchrun / `accelerate launch` environment variables on a CPU machine.
+    no_accel = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
     set_seed(cfg.seed)
 
     # ---- data

@@ -2,6 +2,7 @@
 the same global batch."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,15 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(nproc: int, batch_size: int, args, result: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
            str(WORKER), *map(str, args), str(batch_size), str(result)]
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *map(str, args), str(batch_size), str(result)]
