@@ -2,9 +2,9 @@
 
 The batch is a K = 1 grid: ``policy.logps`` (B, 1), ``ref.logps`` (B, 1) and ``policy.inputs['labels']``
 (B, 1) or (B,) bool, True for a desirable example. ``LossOutput.chosen_rewards``/``rejected_rewards`` are
-None; the per-example rewards go to the metrics as ``rewards/chosen_sum``, ``rewards/rejected_sum``,
-``count/chosen``, ``count/rejected`` (B,) so that the trainer can form label-conditional means
-(sum of ``rewards/chosen_sum`` / sum of ``count/chosen``) after its reduction over examples.
+None; the per-example rewards go to the metrics as ``rewards/chosen`` (B,) — NaN on undesirable rows —
+and ``rewards/rejected`` (NaN on desirable rows). NaN means "not applicable": the trainer's reduction
+skips it, so the logged values are label-conditional means over the whole global batch.
 """
 
 from __future__ import annotations
@@ -39,13 +39,9 @@ def _unpaired(policy: PolicyStats, ref: RefStats, name: str) -> tuple[Tensor, Te
 
 def _unpaired_out(losses: Tensor, rewards: Tensor, labels: Tensor, **metrics: Tensor) -> LossOutput:
     r = rewards.detach()
-    d = labels.to(r.dtype)
-    m = {
-        "rewards/chosen_sum": r * d,
-        "rewards/rejected_sum": r * (1 - d),
-        "count/chosen": d,
-        "count/rejected": 1 - d,
-    }
+    d = labels.reshape(r.shape).bool()
+    nan = torch.full_like(r, float("nan"))
+    m = {"rewards/chosen": torch.where(d, r, nan), "rewards/rejected": torch.where(d, nan, r)}
     m.update({k: v.detach() for k, v in metrics.items()})
     return LossOutput(losses, None, None, m)
 
