@@ -91,6 +91,60 @@ class _user_errors:
         raise typer.Exit(2)
 
 
+# ---------------------------------------------------------------- rank (owner: preftune/rank) ---
+def _rank_opt(name: str, *flags: str):
+    """A flag whose default and help come from RankConfig's field (one source of truth)."""
+    from preftune.rank.config import RankConfig
+
+    f = RankConfig.model_fields[name]
+    default = ",".join(f.default) if name == "formats" else f.default
+    return typer.Option(default, *flags, help=f.description, show_default=name != "scale")
+
+
+@app.command("rank")
+def rank_cmd(
+    ctx: typer.Context,
+    file: str = typer.Argument(..., help="JSONL of comparisons or rankings (see --help of each flag)"),
+    method: str = _rank_opt("method", "--method"),
+    ties: str = _rank_opt("ties", "--ties"),
+    l2: float = _rank_opt("l2", "--l2"),
+    bootstrap: int = _rank_opt("bootstrap", "--bootstrap"),
+    ci: float = _rank_opt("ci", "--ci"),
+    seed: int = _rank_opt("seed", "--seed"),
+    anchor: str = _rank_opt("anchor", "--anchor"),
+    anchor_rating: float = _rank_opt("anchor_rating", "--anchor-rating"),
+    base: float = _rank_opt("base", "--base"),
+    scale: float = _rank_opt("scale", "--scale"),
+    k_factor: float = _rank_opt("k_factor", "--k-factor"),
+    judge: str = _rank_opt("judge", "--judge"),
+    self_comparisons: str = _rank_opt("self_comparisons", "--self-comparisons"),
+    output: str = _rank_opt("output", "--output", "-o"),
+    formats: str = _rank_opt("formats", "--format"),
+    config: str = typer.Option(None, "--config", help="YAML RankConfig; explicit flags override it"),
+) -> None:
+    """Rank systems from side-by-side comparisons or rankings: Bradley-Terry, Davidson, Elo, Plackett-Luce."""
+    from click.core import ParameterSource
+    from pydantic import ValidationError
+
+    from preftune.rank.api import run_rank
+    from preftune.rank.config import RankConfig
+    from preftune.rank.io import RankError
+
+    given = {k: v for k, v in ctx.params.items() if k != "config" and (
+        ctx.get_parameter_source(k) != ParameterSource.DEFAULT or config is None)}
+    try:
+        cfg = RankConfig.from_yaml(config, **given) if config else RankConfig(**given)
+        run_rank(cfg)
+    except ValidationError as e:
+        msgs = [f"  --{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()]
+        typer.echo("invalid options:\n" + "\n".join(msgs), err=True)
+        raise typer.Exit(2) from None
+    except RankError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+# ------------------------------------------------------------------------------- end of rank ---
+
+
 def main() -> None:
     app()
 
