@@ -20,18 +20,21 @@ def _root() -> None:
 
 @app.command("losses")
 def losses_cmd() -> None:
-    """List every objective in the registry: name, paper, data shape, reference need, defaults."""
+    """List every objective in the registry: name, paper, data shape, reference need, what it trains, defaults."""
     from rich.console import Console
     from rich.table import Table
 
     from preftune.losses import all_objectives
 
     table = Table(title="preftune objectives")
-    for col in ("name", "paper (arXiv)", "data", "reference", "norm", "defaults"):
+    for col in ("name", "paper (arXiv)", "data", "reference", "trains", "norm", "defaults"):
         table.add_column(col, overflow="fold")
     for o in all_objectives():
         defaults = ", ".join(f"{k}={v}" for k, v in o.defaults().items())
-        table.add_row(o.name, f"{o.paper} ({o.arxiv or '—'})", o.shape, o.reference, o.normalisation, defaults)
+        data = o.shape + (f" ({'/'.join(o.columns)})" if o.columns else "") + (
+            f"; inputs: {', '.join(o.inputs)}" if o.inputs else "")
+        table.add_row(o.name, f"{o.paper} ({o.arxiv or '—'})", data, o.reference, o.trains, o.normalisation,
+                      defaults)
     Console().print(table)
 
 
@@ -143,6 +146,81 @@ def rank_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 # ------------------------------------------------------------------------------- end of rank ---
+
+
+@app.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
+def demo_cmd(
+    output: str = typer.Option(None, "--output", "-o", help="run folder (default runs/demo-<timestamp>)"),
+    quick: bool = typer.Option(False, "--quick", help="tiny random model, seconds: every phase, for tests"),
+    set_: list[str] = typer.Option(None, "--set", help="any DemoConfig field: --set key=value (repeatable)"),
+) -> None:
+    """On-policy DPO with LoRA on SmolLM2-135M-Instruct and a judged task; report before vs after."""
+    from preftune.tasks.demo import DemoConfig, run_demo
+    from preftune.train.config import parse_set
+
+    with _user_errors():
+        overrides = parse_set(set_ or [])
+        if output is not None:
+            overrides["output"] = output
+        cfg = DemoConfig.quick(**overrides) if quick else DemoConfig(**overrides)
+        run_demo(cfg, log=typer.echo)
+
+
+# ------------------------------------------------------------ reward, judge (owner: preftune/reward) ---
+reward_app = typer.Typer(help="Reward and preference models: Bradley–Terry, regression, GPM.", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
+
+
+@reward_app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+def reward_train_cmd(
+    config: str = typer.Argument(None, help="YAML recipe (configs/reward_*.yaml); flags and --set override it"),
+    model: str = typer.Option(None, "--model", help="HF folder, hub id, .gguf file or smollm2-135m-instruct"),
+    data: str = typer.Option(None, "--data", help="preference pairs or ratings (.jsonl, .json, .parquet, dataset folder)"),
+    eval_data: str = typer.Option(None, "--eval-data", help="held-out data (default: --set eval_fraction of --data)"),
+    loss: str = typer.Option(None, "--loss", help="rm_bt, rm_bt_margin, rm_bt_scaled, rm_regression or rm_gpm"),
+    output: str = typer.Option(None, "--output", "-o", help="output folder"),
+    max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps"),
+    lora: bool = typer.Option(None, "--lora/--no-lora", help="train LoRA adapters (+ the head); saved merged"),
+    resume: bool = typer.Option(None, "--resume", help="continue from the latest checkpoint in the output folder"),
+    skip_invalid: bool = typer.Option(None, "--skip-invalid", help="drop invalid records instead of failing"),
+    set_: list[str] = typer.Option(None, "--set", help="any RewardConfig field: --set key=value (repeatable)"),
+) -> None:
+    """Train a reward / preference model; reports held-out pairwise accuracy (eval/rewards/accuracies)."""
+    from preftune.reward.config import load_reward_config
+    from preftune.reward.trainer import train_reward
+    from preftune.train.config import parse_set
+
+    overrides = dict(model=model, data=data, eval_data=eval_data, loss=loss, output=output, max_steps=max_steps,
+                     lora=lora, resume=resume, skip_invalid=skip_invalid)
+    with _user_errors():
+        overrides.update(parse_set(set_ or []))
+        cfg = load_reward_config(config, overrides)
+        result = train_reward(cfg)
+    final = {k: v for row in result.metrics for k, v in row.items() if k.startswith("eval/")}
+    acc = final.get("eval/rewards/accuracies")
+    typer.echo(f"done: {result.steps} steps; metrics in {result.output_dir / 'metrics.jsonl'}"
+               + (f"; model in {result.model_dir}" if result.model_dir else ""))
+    if acc is not None:
+        typer.echo(f"held-out pairwise accuracy: {acc:.4f} (eval loss {final.get('eval/loss', float('nan')):.4f})")
+    elif "eval/loss" in final:
+        typer.echo(f"held-out loss: {final['eval/loss']:.4f}" + (f", MAE {final['eval/mae']:.4f}" if "eval/mae" in final else ""))
+
+
+@app.command("judge", context_settings={"help_option_names": ["-h", "--help"]})
+def judge_cmd(
+    file: str = typer.Argument(..., help='JSONL: {"prompt", "responses": {system: text}} or {"prompt", "a", "b", "model_a", "model_b"}'),
+    judge: str = typer.Option(..., "--judge", "-j", help="task:NAME (built-in task), rm:PATH (reward/GPM model), llm:MODEL (chat model)"),
+    output: str = typer.Option("comparisons.jsonl", "--output", "-o", help="comparisons JSONL (input of `preftune rank`)"),
+    tie_margin: float = typer.Option(0.0, "--tie-margin", min=0.0, max=0.5, help="|P(a ≻ b) − ½| ≤ this is a tie"),
+) -> None:
+    """Judge every pair of systems per prompt; write {a, b, winner, prompt, judge} rows for `preftune rank`."""
+    from preftune.reward.judges import judge_file, make_judge
+
+    with _user_errors():
+        rows = judge_file(file, output, make_judge(judge), tie_margin=tie_margin)
+    wins = {w: sum(r["winner"] == w for r in rows) for w in ("a", "b", "tie")}
+    typer.echo(f"{len(rows)} comparisons ({wins['a']} a, {wins['b']} b, {wins['tie']} tie) written to {output}")
+# ------------------------------------------------------------------------ end of reward, judge ---
 
 
 def main() -> None:

@@ -128,3 +128,112 @@ def write_pairs_jsonl(path: str | Path, n: int = 16, seed: int = 0) -> Path:
             rejected = " ".join(rng.choice(words) for _ in range(rng.randint(2, 9))) + "!"
             f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- built-in data of every shape
+_WORDS = "the quick brown fox jumps over lazy dog answer question helpful sea haiku".split()
+
+
+def _text(rng, lo: int, hi: int, end: str = ".") -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi))) + end
+
+
+def _write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    import json
+
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_unpaired_jsonl(path: str | Path, n: int = 16, seed: int = 0) -> Path:
+    """KTO-style ``prompt/completion/label`` rows, desirable and undesirable alternating."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"prompt": f"Question {i}: " + _text(rng, 3, 8, "?"), "completion": _text(rng, 2, 7),
+             "label": i % 2 == 0}
+            for i in range(n)]
+    return _write_jsonl(path, rows)
+
+
+def write_scored_lists_jsonl(path: str | Path, n: int = 16, k: int = 4, seed: int = 0) -> Path:
+    """``prompt/responses/scores`` rows with ``k`` responses and distinct scores in [0, 1]."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        scores = rng.sample(range(1, 100), k)
+        rows.append({"prompt": f"Question {i}: " + _text(rng, 3, 8, "?"),
+                     "responses": [_text(rng, 2, 7, f" {j}.") for j in range(k)],
+                     "scores": [s / 100 for s in scores]})
+    return _write_jsonl(path, rows)
+
+
+def write_pairs_with_inputs_jsonl(
+    path: str | Path, n: int = 16, seed: int = 0, prev_logps: bool = False
+) -> Path:
+    """``prompt/chosen/rejected`` pairs with the numeric columns self-play and weighted objectives read:
+    ``win_probs`` (one per response, SPPO), ``pair_win_prob`` (SPPO single), ``rm_margin`` (MADPO),
+    ``semantic_distance`` (Sem-DPO) and, with ``prev_logps=True``, π_t's summed log-probs (INPO)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        p = rng.uniform(0.55, 0.95)
+        row = {"prompt": f"Question {i}: " + _text(rng, 3, 8, "?"), "chosen": _text(rng, 2, 6),
+               "rejected": _text(rng, 2, 9, "!"), "win_probs": [p, 1 - p], "pair_win_prob": p,
+               "rm_margin": rng.uniform(0.1, 3.0), "semantic_distance": rng.uniform(0.0, 1.0)}
+        if prev_logps:
+            row["prev_logps"] = [-rng.uniform(5, 30), -rng.uniform(5, 30)]
+        rows.append(row)
+    return _write_jsonl(path, rows)
+
+
+def write_triples_jsonl(path: str | Path, n: int = 16, seed: int = 0) -> Path:
+    """TRL's TPO layout: ``prompt/chosen/rejected/reference`` (the reference is the gold response)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"prompt": f"Question {i}: " + _text(rng, 3, 8, "?"), "chosen": _text(rng, 2, 6),
+             "rejected": _text(rng, 2, 9, "!"), "reference": "Gold: " + _text(rng, 2, 6)} for i in range(n)]
+    return _write_jsonl(path, rows)
+
+
+# Numeric columns of write_pairs_with_inputs_jsonl (objectives reading one of them get that file).
+PAIR_INPUT_COLUMNS = ("win_probs", "pair_win_prob", "rm_margin", "semantic_distance")
+
+
+def write_data_for(name: str, folder: str | Path, n: int = 16, seed: int = 0) -> Path:
+    """Built-in data of the shape objective ``name`` trains on, written into ``folder``."""
+    from preftune.losses import get
+
+    obj, folder = get(name), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if obj.columns:
+        return write_triples_jsonl(folder / "triples.jsonl", n, seed)
+    if obj.shape == "unpaired":
+        return write_unpaired_jsonl(folder / "unpaired.jsonl", n, seed)
+    if obj.shape == "listwise":
+        return write_scored_lists_jsonl(folder / "lists.jsonl", n, max(4, obj.min_responses), seed)
+    if set(obj.inputs) & set(PAIR_INPUT_COLUMNS):
+        return write_pairs_with_inputs_jsonl(folder / "pairs_inputs.jsonl", n, seed)
+    return write_pairs_jsonl(folder / "pairs.jsonl", n, seed)
+
+
+def save_tiny_value_model(path: str | Path, seed: int = 0, **kwargs) -> Path:
+    """A tiny token-classification Llama with one label: an OREO critic V(s_t) (``value_model``)."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    cfg = tiny_config("llama", **kwargs)
+    cfg.num_labels = 1
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForTokenClassification.from_config(cfg)
+    path = Path(path)
+    model.save_pretrained(path)
+    tiny_tokenizer(kwargs.get("vocab_size", 320)).save_pretrained(path)
+    return path

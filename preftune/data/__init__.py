@@ -20,6 +20,7 @@ from .derive import (
     record_pairs,
     to_lists,
     to_pairs,
+    to_triples,
     to_unpaired,
 )
 from .readers import LAYOUTS, detect_layout, load_records, split_conversations
@@ -61,6 +62,7 @@ __all__ = [
     "split_conversations",
     "to_lists",
     "to_pairs",
+    "to_triples",
     "to_unpaired",
     "tokenize_example",
     "tokenize_examples",

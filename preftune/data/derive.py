@@ -233,6 +233,36 @@ def to_lists(
     return out
 
 
+def to_triples(records: list[PreferenceRecord], *, issues: list[DataIssue] | None = None) -> list[Example]:
+    """``K = 3`` examples in TPO's column order (chosen, rejected, gold).
+
+    From the order of :func:`preference_scores`: gold = the best response, chosen = the second best,
+    rejected = the worst (a ``prompt/chosen/rejected/reference`` row ranks reference, chosen,
+    rejected, so it keeps its columns). Records with fewer than three responses, or whose second
+    best is not strictly better than the worst, are issues.
+    """
+    own, issues = issues is None, [] if issues is None else issues
+    out = []
+    for record in records:
+        scores, name = preference_scores(record)
+        if scores is None or len(scores) < 3:
+            issues.append(DataIssue(record.source, record.line, "responses",
+                                    "a triple needs three responses ordered by scores or a ranking "
+                                    "(or the prompt/chosen/rejected/reference layout)"))
+            continue
+        order = _best_first(scores)
+        gold, chosen, rejected = order[0], order[1], order[-1]
+        if not scores[chosen] > scores[rejected]:
+            issues.append(DataIssue(record.source, record.line, record.field_name(name),
+                                    "no preference between the second-best and the worst response"))
+            continue
+        ex = _select(record, [chosen, rejected, gold])
+        ex.inputs["scores"] = [scores[i] for i in (chosen, rejected, gold)]
+        out.append(ex)
+    _finish(issues, own)
+    return out
+
+
 DERIVERS: dict[str, Callable[..., list[Example]]] = {
     "paired": to_pairs,
     "unpaired": to_unpaired,

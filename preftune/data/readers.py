@@ -257,6 +257,22 @@ def _from_pair(row: dict) -> dict:
     return out
 
 
+def _from_triple(row: dict) -> dict:
+    """TRL's TPO layout: prompt/chosen/rejected/reference. Responses keep the columns' order; the pair
+    (chosen, rejected) is explicit, so pair objectives train on it exactly as on a plain pair, and the
+    ranking (reference, chosen, rejected) orders the list for listwise and triple (TPO) objectives."""
+    prompt, responses = split_conversations(
+        row.get("prompt"), [row.get("chosen"), row.get("rejected"), row.get("reference")]
+    )
+    return dict(
+        prompt=prompt,
+        responses=responses,
+        pairs=[(0, 1)],
+        ranking=[2, 0, 1],
+        origin={"responses[0]": "chosen", "responses[1]": "rejected", "responses[2]": "reference"},
+    )
+
+
 def _from_unpaired(row: dict) -> dict:
     prompt, responses = split_conversations(row.get("prompt"), [row.get("completion")])
     return dict(
@@ -317,6 +333,14 @@ LAYOUTS: tuple[Layout, ...] = (
         ("prompt", "responses", "scores", "ranking", "pairs", "labels"),
         _from_list,
         "prompt/responses[/scores/ranking/pairs/labels]",
+    ),
+    Layout(
+        "triple",
+        ("chosen", "rejected", "reference"),
+        (),
+        ("prompt", "chosen", "rejected", "reference"),
+        _from_triple,
+        "prompt/chosen/rejected/reference (TPO triples: the reference is the gold response)",
     ),
     Layout(
         "paired",

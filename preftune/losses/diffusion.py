@@ -90,6 +90,7 @@ def _errors(policy: PolicyStats, ref: RefStats | None, name: str) -> tuple[Tenso
     summary="Diffusion-DPO / Tango 2: DPO on denoising errors of trained vs frozen denoiser",
     paper="Diffusion Model Alignment Using Direct Preference Optimization (Eq. 14)",
     arxiv="2311.12908",
+    trains="diffusion",
     normalisation="mean",
     hyperparameters={
         "beta": Hyper(5000.0, 0.0, None, low_open=True, help="β_dpo (SD1.5/SDXL 5000; Tango 2 2000)")
@@ -112,6 +113,7 @@ def _diffusion_dpo_objective(policy: PolicyStats, ref: RefStats, beta: float = 5
     paper="Smoothed Preference Optimization via ReNoise Inversion for Aligning Diffusion Models with Varied "
     "Human Preferences",
     arxiv="2506.02698",
+    trains="diffusion",
     normalisation="mean",
     hyperparameters={
         "beta": Hyper(2000.0, 0.0, None, low_open=True, help="β (SD1.5 2000)"),

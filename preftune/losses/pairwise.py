@@ -701,6 +701,7 @@ def ld_logps(token_logps: Tensor, token_mask: Tensor, alpha: float) -> Tensor:
     summary="LD-DPO: DPO with the tail beyond the shorter response down-weighted by α",
     paper="Length Desensitization in Direct Preference Optimization",
     arxiv="2409.06411",
+    token_level=True,
     hyperparameters={
         "beta": BETA,
         "alpha": Hyper(

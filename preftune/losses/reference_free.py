@@ -131,6 +131,7 @@ def _require_triple(policy: PolicyStats, name: str) -> None:
 
 @register(
     "tpo",
+    columns=("chosen", "rejected", "gold"),
     summary="TPO: reference-free sigmoid on chosen vs rejected + α·NLL of a gold response",
     paper=TPO_PAPER,
     arxiv="2405.16681",
@@ -166,6 +167,7 @@ def tpo(
 
 @register(
     "tpo_l",
+    columns=("chosen", "rejected", "gold"),
     summary="TPO-L: length-normalised TPO with a target margin γ (SimPO-style contrast + gold NLL)",
     paper=TPO_PAPER,
     arxiv="2405.16681",

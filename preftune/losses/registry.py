@@ -11,6 +11,9 @@ from typing import Any, Literal
 Shape = Literal["paired", "unpaired", "listwise"]
 Reference = Literal["none", "logps", "live_logits"]
 Normalisation = Literal["sum", "mean"]
+# What an objective trains: a causal-LM policy (`preftune train`), a reward model (`preftune reward
+# train`), or a diffusion denoiser (Python API only; `preftune train` refuses the last two).
+Trains = Literal["policy", "reward_model", "diffusion"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,12 @@ class Objective:
     state: Callable[[], Any] | None = None  # factory of a state object (state_dict/load_state_dict)
     min_responses: int = 2  # listwise objectives that need more than two responses say so
     notes: str = ""
+    trains: Trains = "policy"
+    # Needs per-token log-probs of the policy AND the reference (B, K, T), not only sequence sums.
+    token_level: bool = False
+    # Fixed meaning of the response columns when the objective has one (TPO: chosen, rejected, gold);
+    # empty means the shape's convention (pairs: chosen, rejected; lists: best first).
+    columns: tuple[str, ...] = ()
 
     @property
     def needs_reference(self) -> bool:
@@ -110,8 +119,14 @@ def register(
     state: Callable[[], Any] | None = None,
     min_responses: int = 2,
     notes: str = "",
+    trains: Trains = "policy",
+    token_level: bool | None = None,
+    columns: tuple[str, ...] = (),
 ) -> Callable[[Callable], Callable]:
-    """Decorator that adds a loss function to the registry under ``name``."""
+    """Decorator that adds a loss function to the registry under ``name``.
+
+    ``token_level`` defaults to True for objectives with a live reference (their token KL is per token).
+    """
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY:
@@ -130,6 +145,9 @@ def register(
             state=state,
             min_responses=min_responses,
             notes=notes,
+            trains=trains,
+            token_level=reference == "live_logits" if token_level is None else token_level,
+            columns=tuple(columns),
         )
         return fn
 

@@ -201,6 +201,7 @@ def sparsepo(
 
 @register(
     "tgdpo",
+    token_level=True,
     summary="TGDPO: DPO with per-token weights β(1 ± α·r̂_t) from a frozen token-level reward policy",
     paper="TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference Optimization",
     arxiv="2506.14574",
@@ -271,6 +272,7 @@ def oreo_value_loss(
 
 @register(
     "oreo",
+    token_level=True,
     summary="OREO policy loss: token-level soft-Bellman (path-consistency) residual with a value model",
     paper="Offline Reinforcement Learning for LLM Multi-Step Reasoning",
     arxiv="2412.16145",

@@ -1,8 +1,13 @@
 """The log-prob engine: from a batch of token lists to the per-response statistics the losses use.
 
 The waste it avoids (DESIGN.md, "The engine"):
-- the LM head and log-softmax run only on response positions, in chunks, and under activation
-  checkpointing per chunk, so no (B, T, V) float32 tensor exists in the forward or the backward;
+- prefix sharing: with ``pack(..., share_prefix=True)`` each group is one segment
+  ``[prompt, r1, ..., rK]`` whose responses attend to the prompt and causally to themselves (a block
+  attention mask, position ids restarting after the prompt), so the prompt runs once per group, and
+  several short groups share a row (padding-free packing, rows no longer than the longest group);
+- the LM head and log-softmax run only on response positions, in chunks, through a fused
+  head/log-softmax autograd function that keeps only (chunk,) statistics and recomputes the chunk's
+  logits in backward, so no (B, T, V) float32 tensor exists in the forward or the backward;
 - reference statistics come from the same code path (adapter disabled for LoRA, a frozen copy for
   full fine-tuning, or a precomputed cache), so policy and reference see identical tokens.
 
@@ -58,7 +63,7 @@ class PackedBatch:
     """
 
     input_ids: Tensor  # (N, L)
-    attention_mask: Tensor  # (N, L)
+    attention_mask: Tensor  # (N, L) padding mask, or (N, 1, L, L) bool block mask when prefix-shared
     pred_rows: Tensor  # (M,) row of each predicted response token
     pred_pos: Tensor  # (M,) position whose hidden state predicts it
     pred_tokens: Tensor  # (M,) the token id
@@ -69,58 +74,164 @@ class PackedBatch:
     T: int  # longest response
     lengths: Tensor  # (B, K) response token counts
     valid: Tensor  # (B, K)
+    position_ids: Tensor | None = None  # (N, L) when prefix-shared: responses restart after the prompt
+
+    @property
+    def shared(self) -> bool:
+        return self.position_ids is not None
+
+    @property
+    def num_positions(self) -> int:
+        """Positions the backbone computes (padding included): the cost of the forward."""
+        return self.input_ids.numel()
 
     def tensors(self) -> dict[str, Tensor]:
-        return {
+        out = {
             "input_ids": self.input_ids,
             "attention_mask": self.attention_mask,
             "pred_rows": self.pred_rows,
             "pred_pos": self.pred_pos,
             "pred_tokens": self.pred_tokens,
         }
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        return out
 
 
-def pack(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], pad_id: int, device=None) -> PackedBatch:
-    """Lay a (B × K) group batch out as rows ``prompt + response`` (empty responses skipped)."""
+def pack(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[list[int]]],
+    pad_id: int,
+    device=None,
+    share_prefix: bool = False,
+) -> PackedBatch:
+    """Lay a (B × K) group batch out for one forward (empty responses skipped).
+
+    ``share_prefix=False``: one right-padded row ``prompt + response`` per (group, response), the
+    exact layout every causal LM supports. ``share_prefix=True``: one segment ``[prompt, r1, …, rK]``
+    per group with a block attention mask and restarted position ids (see ``_pack_shared``); it needs
+    a model whose attention honours a 4D mask and ``position_ids`` (``prefix_sharing_supported``).
+    """
+    if not any(r for rs in response_ids for r in rs):
+        raise ValueError("batch has no responses")
+    if any(len(p) == 0 for p in prompt_ids):
+        # The first response token must be predicted from something: an empty prompt has no state.
+        raise ValueError("every prompt needs at least one token (add a BOS token or a chat template)")
     B = len(prompt_ids)
     K = max(len(r) for r in response_ids)
-    rows, r_rows, r_pos, r_tok, r_slot, r_idx = [], [], [], [], [], []
     lengths = torch.zeros(B, K)
     valid = torch.zeros(B, K, dtype=torch.bool)
+    for b, responses in enumerate(response_ids):
+        for k, r in enumerate(responses):
+            lengths[b, k] = len(r)
+            valid[b, k] = bool(r)
+    build = _pack_shared if share_prefix else _pack_unshared
+    ids, mask, position_ids, r_rows, r_pos, r_tok, r_slot, r_idx = build(prompt_ids, response_ids, pad_id, K)
+    as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    pb = PackedBatch(
+        ids, mask, as_t(r_rows), as_t(r_pos), as_t(r_tok), as_t(r_slot), as_t(r_idx),
+        B, K, int(lengths.max().item()), lengths, valid, position_ids,
+    )
+    if device is not None:
+        for name in ("input_ids", "attention_mask", "pred_rows", "pred_pos", "pred_tokens", "token_slot",
+                     "token_index", "position_ids"):
+            if getattr(pb, name) is not None:
+                setattr(pb, name, getattr(pb, name).to(device))
+    return pb
+
+
+def _pack_unshared(prompt_ids, response_ids, pad_id, K):
+    rows, r_rows, r_pos, r_tok, r_slot, r_idx = [], [], [], [], [], []
     for b, (p, responses) in enumerate(zip(prompt_ids, response_ids)):
         for k, r in enumerate(responses):
             if not r:
                 continue
             n = len(rows)
             rows.append(p + r)
-            lengths[b, k] = len(r)
-            valid[b, k] = True
             start = len(p)
             r_rows.extend([n] * len(r))
             r_pos.extend(range(start - 1, start - 1 + len(r)))
             r_tok.extend(r)
             r_slot.extend([b * K + k] * len(r))
             r_idx.extend(range(len(r)))
-    if not rows:
-        raise ValueError("batch has no responses")
-    if any(len(p) == 0 for p in prompt_ids):
-        # The first response token must be predicted from something: an empty prompt has no state.
-        raise ValueError("every prompt needs at least one token (add a BOS token or a chat template)")
     L = max(len(s) for s in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)
     for i, s in enumerate(rows):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    pb = PackedBatch(
-        ids, mask, as_t(r_rows), as_t(r_pos), as_t(r_tok), as_t(r_slot), as_t(r_idx),
-        B, K, int(lengths.max().item()), lengths, valid,
-    )
-    if device is not None:
-        for name in ("input_ids", "attention_mask", "pred_rows", "pred_pos", "pred_tokens", "token_slot", "token_index"):
-            setattr(pb, name, getattr(pb, name).to(device))
-    return pb
+    return ids, mask, None, r_rows, r_pos, r_tok, r_slot, r_idx
+
+
+def _pack_shared(prompt_ids, response_ids, pad_id, K):
+    """Segments ``[prompt, r1, …, rK]``, packed first-fit-decreasing into rows as long as the longest.
+
+    Token q may attend to token j iff both are in the same segment, j ≤ q, and j is a prompt token
+    or in q's own response: each response sees exactly ``prompt + itself``, as in its own row. The
+    first token of every response is predicted from the prompt's last position (shared, so its
+    gradient sums over the K responses, as it must). Position ids restart at ``len(prompt)`` for
+    every response. Padding tokens are their own segment and attend only to themselves.
+    """
+    segs = []  # (b, tokens, positions, blocks, [(k, offset in segment, length)])
+    for b, (p, responses) in enumerate(zip(prompt_ids, response_ids)):
+        toks, pos, blk, resp = list(p), list(range(len(p))), [0] * len(p), []
+        for k, r in enumerate(responses):
+            if not r:
+                continue
+            resp.append((k, len(toks), len(r)))
+            toks += r
+            pos += range(len(p), len(p) + len(r))
+            blk += [k + 1] * len(r)
+        if resp:
+            segs.append((b, toks, pos, blk, resp))
+    L = max(len(s[1]) for s in segs)
+    rows: list[list[int]] = []  # segment indices per row
+    fill: list[int] = []
+    for i in sorted(range(len(segs)), key=lambda i: -len(segs[i][1])):
+        n = len(segs[i][1])
+        r = next((j for j, f in enumerate(fill) if f + n <= L), None)
+        if r is None:
+            rows.append([])
+            fill.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        fill[r] += n
+    N = len(rows)
+    ids = torch.full((N, L), pad_id, dtype=torch.long)
+    pos_ids = torch.zeros((N, L), dtype=torch.long)
+    seg_ids = -1 - torch.arange(N * L).view(N, L)  # padding: a segment of its own
+    blk_ids = torch.zeros((N, L), dtype=torch.long)
+    where = {}  # segment -> (row, offset)
+    for r, members in enumerate(rows):
+        off = 0
+        for i in members:
+            _, toks, pos, blk, _ = segs[i]
+            n = len(toks)
+            ids[r, off : off + n] = torch.tensor(toks)
+            pos_ids[r, off : off + n] = torch.tensor(pos)
+            seg_ids[r, off : off + n] = i
+            blk_ids[r, off : off + n] = torch.tensor(blk)
+            where[i] = (r, off)
+            off += n
+    q, j = seg_ids[:, :, None], seg_ids[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    bq, bj = blk_ids[:, :, None], blk_ids[:, None, :]
+    mask = (q == j) & causal & ((bj == 0) | (bj == bq))  # (N, L, L)
+    r_rows, r_pos, r_tok, r_slot, r_idx = [], [], [], [], []
+    for i, (b, toks, _, _, resp) in enumerate(segs):
+        row, off = where[i]
+        plen = len(prompt_ids[b])
+        for k, start, n in resp:
+            r_rows.extend([row] * n)
+            r_pos.append(off + plen - 1)
+            r_pos.extend(range(off + start, off + start + n - 1))
+            r_tok.extend(toks[start : start + n])
+            r_slot.extend([b * K + k] * n)
+            r_idx.extend(range(n))
+    # Order tokens as the unshared layout does (group, response, token) so chunks see the same rows.
+    order = sorted(range(len(r_slot)), key=lambda t: (r_slot[t], r_idx[t]))
+    pick = lambda xs: [xs[t] for t in order]  # noqa: E731
+    return ids, mask[:, None], pos_ids, pick(r_rows), pick(r_pos), pick(r_tok), pick(r_slot), pick(r_idx)
 
 
 def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, post) -> Tensor:
@@ -144,21 +255,108 @@ def _chunk_logps_kl(
     return logp.gather(-1, tokens[:, None]).squeeze(-1), ref_logp.gather(-1, tokens[:, None]).squeeze(-1), kl
 
 
+class _HeadLogps(torch.autograd.Function):
+    """log softmax(h Wᵀ + b)[token] for one chunk, saving only h, W and the (C,) log-normaliser.
+
+    Equal to ``checkpoint(_chunk_logps)`` (the logits are recomputed in backward either way) but the
+    backward is written out: ∂logp/∂logits = onehot − softmax, one (C, V) buffer instead of the
+    several that autograd's log-softmax/gather backward allocates. Matmuls run in ``dtype`` (the
+    autocast dtype, else the inputs'), the normaliser and the log-probs in at least float32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, dtype: torch.dtype) -> Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            hc, wc = h.to(dtype), weight.to(dtype)
+            bc = bias.to(dtype) if bias is not None else None
+            logits = _at_least_fp32(torch.nn.functional.linear(hc, wc, bc))  # (C, V)
+            lse = logits.logsumexp(-1)  # (C,)
+            out = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
+        ctx.save_for_backward(hc, wc, bc, tokens, lse)
+        ctx.in_dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        hc, wc, bc, tokens, lse = ctx.saved_tensors
+        h_dt, w_dt, b_dt = ctx.in_dtypes
+        with torch.autocast(hc.device.type, enabled=False):
+            logits = _at_least_fp32(torch.nn.functional.linear(hc, wc, bc))  # (C, V)
+            g = g.to(logits.dtype)
+            d = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # −g·softmax, in place
+            d.scatter_add_(-1, tokens[:, None], g[:, None])  # + g·onehot
+            d = d.to(wc.dtype)
+            grad_h = d @ wc if ctx.needs_input_grad[0] else None
+            grad_w = d.t() @ hc if ctx.needs_input_grad[1] else None
+            grad_b = d.sum(0) if bc is not None and ctx.needs_input_grad[2] else None
+        return (
+            None if grad_h is None else grad_h.to(h_dt),
+            None if grad_w is None else grad_w.to(w_dt),
+            None if grad_b is None else grad_b.to(b_dt),
+            None,
+            None,
+        )
+
+
+def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def _attention_mask_for(model: nn.Module, mask: Tensor, like: Tensor) -> Tensor:
+    """A bool (N, 1, L, L) block mask as the attention implementation wants it: ``sdpa`` takes bool
+    (True = attend); ``eager`` adds the mask to the scores, so it gets 0 / most-negative floats."""
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    if getattr(model.config, "_attn_implementation", "eager") == "sdpa":
+        return mask
+    dt = like.dtype if like.dtype == torch.float64 else torch.float32
+    return torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, torch.finfo(dt).min)
+
+
 class LogProbEngine(nn.Module):
     """Wraps a causal LM; ``forward(**packed.tensors())`` returns per-token response log-probs.
 
     ``chunk_size`` rows of response positions go through the LM head at a time; with gradients on,
-    each chunk is checkpointed so its (chunk, V) logits are recomputed in backward instead of stored.
+    only the hidden states of a chunk are kept and its (chunk, V) logits are recomputed in backward.
+
+    ``prefix_sharing``: ``"on"`` packs prefix-shared (``pack(..., share_prefix=True)``) and fails if
+    the model cannot; ``"off"`` always uses the unshared layout; ``"auto"`` checks once, on a tiny
+    batch, that the shared layout gives the unshared log-probs for this model and attention
+    implementation, and falls back to unshared otherwise. ``shares_prefix()`` says which was chosen
+    (``prefix_sharing_reason`` says why).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, prefix_sharing: str = "auto"):
         super().__init__()
+        if prefix_sharing not in ("auto", "on", "off"):
+            raise ValueError(f"prefix_sharing must be auto, on or off, not {prefix_sharing!r}")
         self.model = model
         self.chunk_size = chunk_size
+        self.prefix_sharing = prefix_sharing
+        self._shares: bool | None = None
+        self.prefix_sharing_reason = ""
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        _, backbone, _ = split_lm(self.model)
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def shares_prefix(self) -> bool:
+        """Whether batches for this engine should be packed with ``share_prefix=True`` (decided once)."""
+        if self._shares is None:
+            if self.prefix_sharing == "off":
+                self._shares, self.prefix_sharing_reason = False, "prefix_sharing=off"
+            else:
+                ok, why = prefix_sharing_supported(self.model, self.chunk_size)
+                if not ok and self.prefix_sharing == "on":
+                    raise ValueError(f"prefix_sharing=on, but this model cannot share prompts: {why}")
+                self._shares, self.prefix_sharing_reason = ok, why
+        return self._shares
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        lm, backbone, _ = split_lm(self.model)
+        emb = lm.get_input_embeddings().weight
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        out = backbone(input_ids=input_ids, attention_mask=_attention_mask_for(lm, attention_mask, emb),
+                       use_cache=False, **kwargs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def forward(
@@ -171,19 +369,23 @@ class LogProbEngine(nn.Module):
         ref_hidden: Tensor | None = None,
         ref_head_weight: Tensor | None = None,
         ref_head_bias: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-token log-probs (M,) of the response tokens; with ``ref_hidden`` (M, H) from a live
         reference, also the reference log-probs and KL(ref ‖ θ) over the full vocabulary (TDPO)."""
         lm, _, head = split_lm(self.model)
         post = _logits_postprocess(lm)
-        hidden = self.hidden_states(input_ids, attention_mask)
+        plain = all(getattr(lm.config, a, None) is None for a in ("logit_scale", "logits_scaling", "final_logit_softcapping"))
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         h = hidden[pred_rows, pred_pos]  # (M, H): only response positions reach the LM head
         weight, bias = head.weight, getattr(head, "bias", None)
         grad = torch.is_grad_enabled() and h.requires_grad
         out_logps, out_ref, out_kl = [], [], []
         for s in range(0, h.shape[0], self.chunk_size):
             hc, tc = h[s : s + self.chunk_size], pred_tokens[s : s + self.chunk_size]
-            if ref_hidden is None:
+            if ref_hidden is None and plain:
+                out_logps.append(_HeadLogps.apply(hc, weight, bias, tc, _compute_dtype(hc, weight)))
+            elif ref_hidden is None:
                 fn = lambda a, b=tc: _chunk_logps(a, weight, bias, b, post)  # noqa: E731
                 out_logps.append(checkpoint(fn, hc, use_reentrant=False) if grad else fn(hc))
             else:
@@ -200,6 +402,45 @@ class LogProbEngine(nn.Module):
             result["ref_token_logps"] = torch.cat(out_ref)
             result["token_kl"] = torch.cat(out_kl)
         return result
+
+
+# A small fixed batch for the prefix-sharing check: ragged prompts, K = 2 and 3, an empty response.
+_PROBE_PROMPTS = [[5, 9, 2, 7, 11], [4, 8, 3]]
+_PROBE_RESPONSES = [[[6, 1, 10], [12, 13, 14, 15]], [[9, 9], [], [7, 3, 5, 1, 2]]]
+
+
+@torch.no_grad()
+def prefix_sharing_supported(model: nn.Module, chunk_size: int = 1024, atol: float = 1e-3) -> tuple[bool, str]:
+    """Run a tiny batch both ways; the shared layout is usable iff it gives the unshared log-probs.
+
+    This catches attention implementations that ignore a 4D mask (flash-attention kernels, some
+    custom models), models without ``position_ids``, and anything else that would silently change
+    the numbers; it costs one forward over 25 tokens.
+    """
+    lm, _, _ = split_lm(model)
+    impl = getattr(lm.config, "_attn_implementation", None)
+    if "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
+        # A custom 4D mask replaces the model's own, sliding window included; the tiny check below
+        # is shorter than any window and could not see the difference.
+        return False, f"{type(lm).__name__} uses sliding-window attention layers"
+    was_training = model.training
+    model.eval()  # dropout off for the comparison
+    try:
+        v = int(lm.config.vocab_size)
+        prompts = [[t % v for t in p] for p in _PROBE_PROMPTS]
+        responses = [[[t % v for t in r] for r in rs] for rs in _PROBE_RESPONSES]
+        eng = LogProbEngine(model, chunk_size, prefix_sharing="off")
+        dev = next(model.parameters()).device
+        ref = eng(**pack(prompts, responses, 0, device=dev).tensors())["token_logps"]
+        got = eng(**pack(prompts, responses, 0, device=dev, share_prefix=True).tensors())["token_logps"]
+    except Exception as e:  # noqa: BLE001 - any failure means "use the exact fallback"
+        return False, f"shared layout failed on {type(lm).__name__} ({impl} attention): {type(e).__name__}: {e}"
+    finally:
+        model.train(was_training)
+    err = float((got.float() - ref.float()).abs().max())
+    if err > atol:
+        return False, f"{type(lm).__name__} ({impl} attention) ignores the block mask (max |Δ logp| = {err:.2g})"
+    return True, f"{type(lm).__name__} ({impl} attention): shared = unshared (max |Δ logp| = {err:.1g})"
 
 
 def scatter_stats(
@@ -252,7 +493,7 @@ def reference_stats(
     """Reference log-probs through the same engine: ``ref_model`` if given, else the engine's own
     model with its LoRA adapter disabled (no second copy of the weights)."""
     if ref_model is not None:
-        ref_engine = LogProbEngine(ref_model, engine.chunk_size)
+        ref_engine = LogProbEngine(ref_model, engine.chunk_size, prefix_sharing="off")
         out = ref_engine(**packed.tensors())
     else:
         with engine.model.disable_adapter():
@@ -269,7 +510,7 @@ def live_reference_inputs(engine: LogProbEngine, packed: PackedBatch, ref_model:
     model = ref_model if ref_model is not None else engine.model
     ctx = engine.model.disable_adapter() if ref_model is None else contextlib.nullcontext()
     with ctx:
-        hidden = LogProbEngine(model).hidden_states(packed.input_ids, packed.attention_mask)
+        hidden = LogProbEngine(model).hidden_states(packed.input_ids, packed.attention_mask, packed.position_ids)
     _, _, head = split_lm(model)
     return {
         "ref_hidden": hidden[packed.pred_rows, packed.pred_pos],

@@ -1,1 +1,5 @@
-"""preftune.tasks"""
+"""preftune.tasks: built-in tasks with programmatic judges (the demo and the benchmarks use them)."""
+
+from preftune.tasks.base import Judgement, Task, all_tasks, get_task, prompt_text, register
+
+__all__ = ["Judgement", "Task", "all_tasks", "get_task", "prompt_text", "register"]

@@ -61,6 +61,14 @@ class TrainConfig(BaseModel):
         "none is allowed only for reference-free objectives",
     )
     ref_cache_dir: str | None = Field(None, description="where precomputed reference log-probs are cached (default ~/.cache/preftune/ref)")
+    token_rm_model: str | None = Field(
+        None, description="TGDPO: the frozen token-level reward policy (HF folder or id, same tokenizer), e.g. a "
+        "DPO-trained model; its per-token log-probs guide the token weights",
+    )
+    value_model: str | None = Field(
+        None, description="OREO: the frozen critic V(s_t), a token-classification model with one label (HF folder); "
+        "preftune trains the policy only",
+    )
 
     # --- LoRA
     lora: bool = Field(False, description="train LoRA adapters; the reference is the base model with adapters off")
@@ -73,6 +81,12 @@ class TrainConfig(BaseModel):
     # --- engine
     logits_chunk: int = Field(1024, gt=0, description="response positions per LM-head chunk")
     length_grouping: bool = Field(True, description="batch prompts of similar length together (less padding)")
+    prefix_sharing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="run each prompt once per group, its responses attending to it through a block attention "
+        "mask (several short groups share a row); auto: use it when a one-off check on a tiny batch shows the "
+        "model gives the unshared log-probs that way, else fall back to one row per response; on: fail instead",
+    )
 
     # --- bookkeeping
     logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
@@ -94,8 +108,22 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_objective(self) -> TrainConfig:
+        from preftune.train.inputs import needs_live_reference, required_config
+
         obj = self.objective()
+        if obj.trains == "reward_model":
+            raise ValueError(f"'{obj.name}' trains a reward model: use `preftune reward train`")
+        if obj.trains == "diffusion":
+            raise ValueError(f"'{obj.name}' operates on denoising errors of a diffusion model; use the Python API "
+                             "(preftune.losses.get(name).fn)")
         obj.resolve(self.loss_hyperparameters())  # range check with the objective's name in the error
+        for name in required_config(obj):
+            if getattr(self, name) is None:
+                raise ValueError(f"objective '{obj.name}' needs {name}: "
+                                 f"{type(self).model_fields[name].description}")
+        if needs_live_reference(obj) and self.reference == "precompute" and not self.lora:
+            raise ValueError(f"objective '{obj.name}' evaluates the reference on pairs built during training "
+                             "(KTO's mismatched pairs): use reference=auto or live, or lora=true")
         if self.reference == "none" and obj.needs_reference:
             raise ValueError(f"objective '{obj.name}' needs a reference model; reference=none is not allowed")
         if self.max_prompt_length >= self.max_length:
@@ -119,6 +147,8 @@ class TrainConfig(BaseModel):
             return "none"
         if obj.reference == "live_logits":
             return "live"
+        if self.reference == "auto" and _needs_live(obj):
+            return "live"
         if self.reference == "auto":
             return "precompute"
         return self.reference
@@ -126,6 +156,12 @@ class TrainConfig(BaseModel):
     @property
     def output_dir(self) -> Path:
         return Path(self.output)
+
+
+def _needs_live(obj) -> bool:
+    from preftune.train.inputs import needs_live_reference
+
+    return needs_live_reference(obj)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from preftune.losses.docs import data_needs
 from preftune.train.config import TrainConfig
 
 
@@ -25,38 +26,49 @@ def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=p
     the objective's data shape."""
     from preftune import data
 
-    records, issues = data.load_and_validate(
-        path, objective_shape=obj.shape, split=split, skip_invalid=cfg.skip_invalid,
-        min_responses=obj.min_responses, tokenizer=tokenizer, max_prompt_length=cfg.max_prompt_length,
-        chat_template=cfg.chat_template,
-    )
+    try:
+        records, issues = data.load_and_validate(
+            path, objective_shape=obj.shape, split=split, skip_invalid=cfg.skip_invalid,
+            min_responses=obj.min_responses, tokenizer=tokenizer, max_prompt_length=cfg.max_prompt_length,
+            chat_template=cfg.chat_template,
+        )
+    except data.DataError as e:  # say what the objective needs above the located problems
+        e.args = (f"objective '{obj.name}' needs {data_needs(obj)}.\n{e}",)
+        raise
     if issues:
         log(f"skipped {len(issues)} problem(s) in {path} (--skip-invalid); first: {issues[0]}")
-    examples = data.derive_examples(records, obj.shape, pair_strategy=cfg.pair_strategy) \
-        if obj.shape != "listwise" else data.derive_examples(records, obj.shape)
+    try:
+        if obj.columns == ("chosen", "rejected", "gold"):  # TPO triples: their own column order
+            examples = data.to_triples(records)
+        elif obj.shape == "listwise":
+            examples = data.derive_examples(records, obj.shape)
+        else:
+            examples = data.derive_examples(records, obj.shape, pair_strategy=cfg.pair_strategy)
+    except data.DataError as e:
+        e.args = (f"objective '{obj.name}' needs {data_needs(obj)}.\n{e}",)
+        raise
     if not examples:
-        raise ValueError(f"{path}: no usable {obj.shape} examples for objective '{obj.name}'")
+        raise ValueError(f"{path}: no usable examples for objective '{obj.name}', which needs {data_needs(obj)}")
     check_inputs(examples, obj, path)
     return examples
 
 
 def check_inputs(examples, obj, source: str) -> None:
     """The objective's declared inputs must be present in the data (e.g. win_probs for SPPO)."""
+    from preftune.train.inputs import engine_keys
+
     data_keys = set(examples[0].inputs) if examples else set()
-    engine_keys = {"token_logps", "token_kl", "kl_logps", "ref_kl_logps", "prev_logps"}
-    missing = [k for k in obj.inputs if k not in data_keys and k not in engine_keys]
+    missing = [k for k in obj.inputs if k not in data_keys and k not in engine_keys()]
     if missing:
         raise ValueError(
             f"{source}: objective '{obj.name}' needs the column(s) {', '.join(missing)} "
-            f"({obj.shape} data); found: {', '.join(sorted(data_keys)) or 'none'}"
+            f"({data_needs(obj)}); found: {', '.join(sorted(data_keys)) or 'none'}"
         )
     if obj.shape == "listwise":
         too_few = [e for e in examples if len(e.responses) < obj.min_responses]
         if too_few:
             e = too_few[0]
-            raise ValueError(
-                f"{e.source}:{e.line}: objective '{obj.name}' needs at least {obj.min_responses} responses per prompt"
-            )
+            raise ValueError(f"{e.source}:{e.line}: objective '{obj.name}' needs {data_needs(obj)}")
 
 
 def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) -> TokenizedSet:

@@ -11,6 +11,7 @@ import torch
 from preftune.model.engine import LogProbEngine, live_reference_inputs, pack, policy_stats, reference_stats
 from preftune.train import checkpoint as ckpt
 from preftune.train.config import TrainConfig
+from preftune.train.inputs import provide_inputs
 from preftune.train.outputs import MetricsLogger, plot_metrics
 from preftune.train.trainer import lr_lambda, now, steps_for
 
@@ -46,7 +47,7 @@ class Runner:
         self.tokenizer, self.train_set, self.eval_set = tokenizer, train_set, eval_set
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.ref_mode = cfg.resolved_reference()
-        self.need_tokens = bool({"token_logps", "token_kl"} & set(obj.inputs)) or obj.reference == "live_logits"
+        self.need_tokens = obj.token_level  # per-token log-probs of policy and reference (registry)
         self.loss_state = obj.state() if obj.state is not None else None
         self.world = acc.num_processes
         self.total, self.per_epoch = steps_for(cfg, len(train_set), self.world)
@@ -57,7 +58,8 @@ class Runner:
         opt = torch.optim.AdamW(params_to_train, lr=cfg.learning_rate, betas=cfg.adam_betas,
                                 weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.total))
-        self.engine, self.opt, self.sched = acc.prepare(LogProbEngine(policy, cfg.logits_chunk), opt, sched)
+        engine = LogProbEngine(policy, cfg.logits_chunk, prefix_sharing=cfg.prefix_sharing)
+        self.engine, self.opt, self.sched = acc.prepare(engine, opt, sched)
         self.base_engine = acc.unwrap_model(self.engine)
         self.ref_model = ref_model.to(acc.device) if ref_model is not None else None
         self.out = cfg.output_dir
@@ -95,7 +97,8 @@ class Runner:
         from preftune.data import collate
 
         batch = collate([dataset.examples[i] for i in indices])
-        packed = pack(batch.prompt_ids, batch.response_ids, self.pad_id, device=self.acc.device)
+        packed = pack(batch.prompt_ids, batch.response_ids, self.pad_id, device=self.acc.device,
+                      share_prefix=self.base_engine.shares_prefix())
         extra = {}
         if self.ref_mode == "live" and self.obj.reference == "live_logits":
             extra = live_reference_inputs(self.base_engine, packed, self.ref_model)
@@ -104,6 +107,7 @@ class Runner:
         policy, ref = policy_stats(packed, out, need_tokens=self.need_tokens, inputs=batch.inputs)
         if ref is None and self.ref_mode != "none":
             ref = self.reference_for(dataset, indices, packed)
+        policy.inputs.update(provide_inputs(self, self.obj, batch, packed, policy, ref))  # train/inputs.py
         kwargs = dict(self.params)
         if self.loss_state is not None:
             kwargs["state"] = self.loss_state if grad else None
@@ -265,7 +269,8 @@ def precompute_reference(runner: Runner, dataset):
     for s in range(0, len(dataset), bs):
         idx = list(range(s, min(s + bs, len(dataset))))
         batch = collate([dataset.examples[i] for i in idx])
-        packed = pack(batch.prompt_ids, batch.response_ids, runner.pad_id, device=acc.device)
+        packed = pack(batch.prompt_ids, batch.response_ids, runner.pad_id, device=acc.device,
+                      share_prefix=engine.shares_prefix())
         with acc.autocast():
             ref = reference_stats(engine, packed, ref_model, need_tokens=True)
         for b, i in enumerate(idx):

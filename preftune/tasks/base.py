@@ -1,0 +1,73 @@
+"""The task interface: prompts split by topic, and a programmatic judge.
+
+A task is data plus a pure function: ``train_prompts()`` and ``heldout_prompts()`` return chat
+prompts (``[{"role": "user", "content": ...}]``), split by topic so held-out prompts are unseen,
+and ``judge(prompt, response, finished=True)`` scores one response. The score is graded in [0, 1]
+(1 = success; failures get smaller values that order them, so best-vs-worst pairs carry signal);
+``success`` is the boolean the demo reports as a rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Prompt = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    score: float  # in [0, 1], higher is better
+    success: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task: a name, a description, topic-split prompts and a programmatic judge.
+
+    ``judge(prompt, response, finished)``: ``finished`` says whether the response ended with EOS
+    (a response cut by ``max_new_tokens`` is not an answer); text-only callers leave it True.
+    """
+
+    name: str
+    description: str
+    train_prompts: Callable[[], list[Prompt]]
+    heldout_prompts: Callable[[], list[Prompt]]
+    judge: Callable[..., Judgement]
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.name in _REGISTRY:
+        raise ValueError(f"task {task.name!r} is already registered")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def _load_builtins() -> None:
+    from preftune.tasks import word_limit  # noqa: F401  (registers itself)
+
+
+def get_task(name: str) -> Task:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def all_tasks() -> list[Task]:
+    _load_builtins()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def prompt_text(prompt: Prompt | str) -> str:
+    """The last user message of a chat prompt (or the prompt itself when it is a string)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""

@@ -1,0 +1,227 @@
+"""Inputs the trainer computes for objectives, beyond the sequence statistics of the engine.
+
+An objective declares the keys it reads from ``PolicyStats.inputs`` (registry ``inputs``). Most come
+from the data (scores, labels, win_probs, rm_margin, semantic_distance...); the keys below are
+computed here, once per micro-batch, by :func:`provide_inputs` (called from ``Runner.forward_loss``).
+A key the data already carries is never recomputed: the data wins (e.g. INPO's ``prev_logps``).
+
+=================  ==========================================================================
+key                source
+=================  ==========================================================================
+kl_logps           KTO's KL baseline: policy log-probs of mismatched (prompt, completion) pairs
+ref_kl_logps       of the same micro-batch (prompt i with the completion of example i − 1 mod B,
+                   TRL's and HALOs' cyclic shift), policy under no_grad as in TRL 1.16
+                   (``KTOTrainer._compute_kl_logps``); z0 is detached anyway. Needs reference
+                   weights at train time (a live reference, or LoRA with the adapter disabled).
+prev_logps         INPO's π_t: first iteration π_t = π_ref, i.e. the reference log-probs; later
+                   iterations pass π_t's summed log-probs as a ``prev_logps`` column.
+token_reward_mask  SparsePO's masks: preftune has no mask model, so both masks are 1 on every
+token_kl_mask      response token (SparsePO then equals TDPO1 plus a constant L1 penalty).
+token_rm_logps     TGDPO: per-token log-probs of the frozen token-level reward policy
+                   ``TrainConfig.token_rm_model`` (same tokenizer), loaded once.
+values             OREO: V(s_t) at every response position from the frozen critic
+                   ``TrainConfig.value_model`` (a token-classification model with one label).
+terminal_reward    OREO: the trajectory reward R — a ``terminal_reward`` column, else ``scores``,
+                   else the label (1 desirable / 0 undesirable).
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Provider:
+    keys: tuple[str, ...]  # the keys one call produces
+    fn: Callable  # fn(runner, batch, packed, policy, ref) -> dict[str, Tensor]
+    source: str  # one line for the docs and error messages
+    live_reference: bool = False  # needs reference weights during training (not a precomputed cache)
+    config: str | None = None  # the TrainConfig field it needs
+
+
+# ------------------------------------------------------------------------------------ providers
+
+
+def _unshared(runner, batch, packed):
+    """The one-row-per-response layout of the same batch (for auxiliary models, which need not
+    support prefix sharing); token order, and so the (B, K, T) grid, is the same as ``packed``'s."""
+    from preftune.model.engine import pack
+
+    if not packed.shared:
+        return packed
+    return pack(batch.prompt_ids, batch.response_ids, runner.pad_id, device=runner.acc.device)
+
+
+def _aux_model(runner, field: str, loader: Callable):
+    """Load ``runner.cfg.<field>`` once per run; frozen, eval mode, on the run's device."""
+    cache = runner.__dict__.setdefault("_aux_models", {})
+    if field not in cache:
+        model = loader(getattr(runner.cfg, field))
+        model.eval().requires_grad_(False)
+        cache[field] = model.to(runner.acc.device)
+    return cache[field]
+
+
+def _kto_kl(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    from preftune.model.engine import pack, reference_stats, scatter_stats
+
+    n = batch.batch_size
+    # Prompt i with the completion of example i − 1 (mod B): TRL's [c_{B-1}, c_0, ..., c_{B-2}].
+    responses = [[batch.response_ids[(i - 1) % n][0]] for i in range(n)]
+    engine = runner.base_engine
+    kl_packed = pack(
+        batch.prompt_ids,
+        responses,
+        runner.pad_id,
+        device=runner.acc.device,
+        share_prefix=engine.shares_prefix(),
+    )
+    with torch.no_grad(), runner.acc.autocast():
+        kl, _, _ = scatter_stats(kl_packed, engine(**kl_packed.tensors())["token_logps"], False)
+        ref_kl = reference_stats(engine, kl_packed, runner.ref_model, False).logps
+    return {"kl_logps": kl[:, 0].float(), "ref_kl_logps": ref_kl[:, 0].float()}
+
+
+def _prev_logps(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    if ref is None:
+        raise ValueError("prev_logps (π_t = π_ref on the first iteration) needs the reference log-probs")
+    return {"prev_logps": ref.logps.detach().float()}
+
+
+def _sparse_masks(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    ones = policy.token_mask.float()  # (B, K, T): 1 on response tokens
+    return {"token_reward_mask": ones, "token_kl_mask": ones}
+
+
+def _token_rm_logps(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    from preftune.model import load_model
+    from preftune.model.engine import LogProbEngine, scatter_stats
+
+    rm = _aux_model(runner, "token_rm_model", lambda path: load_model(path, dtype="float32")[0])
+    p = _unshared(runner, batch, packed)
+    with torch.no_grad(), runner.acc.autocast():
+        out = LogProbEngine(rm, runner.cfg.logits_chunk, prefix_sharing="off")(**p.tensors())
+    _, tok, _ = scatter_stats(p, out["token_logps"].float(), True)
+    return {"token_rm_logps": tok}
+
+
+def load_value_model(path: str):
+    """A critic for OREO: any ``AutoModelForTokenClassification`` folder with ``num_labels = 1``."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise ValueError(
+            f"value_model {path}: expected a token-classification model with num_labels=1, "
+            f"got {model.config.num_labels}"
+        )
+    return model
+
+
+def _values(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    from preftune.model.engine import scatter_stats
+
+    critic = _aux_model(runner, "value_model", load_value_model)
+    p = _unshared(runner, batch, packed)
+    with torch.no_grad(), runner.acc.autocast():
+        v = critic(input_ids=p.input_ids, attention_mask=p.attention_mask).logits  # (N, L, 1)
+    # V(s_t) is read where the policy predicts token t: the state before action t.
+    _, grid, _ = scatter_stats(p, v[p.pred_rows, p.pred_pos, 0].float(), True)
+    return {"values": grid}
+
+
+def _terminal_reward(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    for key in ("scores", "labels"):
+        if key in batch.inputs:
+            return {"terminal_reward": batch.inputs[key].float().to(policy.logps.device)}
+    raise ValueError("terminal_reward needs a terminal_reward, scores or label column")
+
+
+PROVIDERS: tuple[Provider, ...] = (
+    Provider(
+        ("kl_logps", "ref_kl_logps"),
+        _kto_kl,
+        "mismatched (prompt, completion) pairs of the micro-batch (completion of example i−1 with "
+        "prompt i), policy under no_grad and reference",
+        live_reference=True,
+    ),
+    Provider(
+        ("prev_logps",),
+        _prev_logps,
+        "a prev_logps column (π_t's summed log-probs); without it π_t = π_ref (the first iteration)",
+    ),
+    Provider(
+        ("token_reward_mask", "token_kl_mask"),
+        _sparse_masks,
+        "masks of ones on the response tokens (no mask model: SparsePO = TDPO1 + a constant penalty)",
+    ),
+    Provider(
+        ("token_rm_logps",),
+        _token_rm_logps,
+        "per-token log-probs of the frozen reward policy token_rm_model",
+        config="token_rm_model",
+    ),
+    Provider(
+        ("values",),
+        _values,
+        "V(s_t) from the frozen critic value_model (token classification, 1 label)",
+        config="value_model",
+    ),
+    Provider(
+        ("terminal_reward",), _terminal_reward, "a terminal_reward column, else scores, else the label as 1/0"
+    ),
+)
+_BY_KEY = {k: p for p in PROVIDERS for k in p.keys}
+
+
+def engine_keys() -> frozenset[str]:
+    """Every input key the trainer can compute (the rest must come from the data)."""
+    return frozenset(_BY_KEY)
+
+
+def providers_for(obj) -> list[Provider]:
+    seen: list[Provider] = []
+    for key in obj.inputs:
+        p = _BY_KEY.get(key)
+        if p is not None and p not in seen:
+            seen.append(p)
+    return seen
+
+
+def needs_live_reference(obj) -> bool:
+    return any(p.live_reference for p in providers_for(obj))
+
+
+def required_config(obj) -> list[str]:
+    """TrainConfig fields the objective's computed inputs need (e.g. tgdpo: token_rm_model)."""
+    return [p.config for p in providers_for(obj) if p.config]
+
+
+DATA_SOURCES = {
+    "labels": "the data's labels (a label column; pairs give chosen = desirable, rejected = undesirable)",
+    "scores": "the data's scores or ranking, in the list's order",
+}
+
+
+def input_sources(obj) -> dict[str, str]:
+    """key → where ``preftune train`` gets it: computed here, or a data column."""
+    return {
+        k: _BY_KEY[k].source if k in _BY_KEY else DATA_SOURCES.get(k, f"data column `{k}`")
+        for k in obj.inputs
+    }
+
+
+def provide_inputs(runner, obj, batch, packed, policy, ref) -> dict[str, Tensor]:
+    """The computed inputs ``obj`` declares and the data does not carry, for one micro-batch."""
+    out: dict[str, Tensor] = {}
+    for p in providers_for(obj):
+        if all(k in policy.inputs for k in p.keys):
+            continue
+        got = p.fn(runner, batch, packed, policy, ref)
+        out.update({k: v for k, v in got.items() if k not in policy.inputs})
+    return out

@@ -1,0 +1,36 @@
+"""configs/: one generated recipe per policy objective, each parsed into TrainConfig."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.losses import get
+from preftune.losses.docs import policy_objectives, render_config
+from preftune.train.config import TrainConfig
+from preftune.train.inputs import required_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_one_recipe_per_policy_objective():
+    have = {p.stem for p in CONFIGS.glob("*.yaml")}
+    want = {o.name for o in policy_objectives()}
+    assert have == want, (
+        f"missing {sorted(want - have)}, extra {sorted(have - want)}: "
+        "run `python -m preftune.losses.docs --configs configs/`"
+    )
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_parses_into_train_config(path):
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert raw["data"] is None and raw["loss"] == path.stem
+    raw["data"] = "data.jsonl"
+    for field in required_config(get(path.stem)):
+        raw[field] = "some/model"
+    cfg = TrainConfig.model_validate(raw)
+    assert cfg.objective().resolve(cfg.loss_hyperparameters()) == get(path.stem).defaults()
+    assert path.read_text(encoding="utf-8") == render_config(get(path.stem)), (
+        f"{path} is out of date: run `python -m preftune.losses.docs --configs configs/`"
+    )
