@@ -56,8 +56,9 @@ def synthetic_batch(tokenizer, n: int, prompt_len: int, resp_len: int, seed: int
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(min(len(tokenizer), 40000)) if i not in special and i > 100]
     draw = lambda k: [rng.choice(vocab) for _ in range(k)]  # noqa: E731
-    return [{"prompt_ids": draw(prompt_len), "chosen_ids": draw(resp_len), "rejected_ids": draw(resp_len)}
-            for _ in range(n)]
+    return [
+        {"prompt_ids": draw(prompt_len), "chosen_ids": draw(resp_len), "rejected_ids": draw(resp_len)} for _ in range(n)
+    ]
 
 
 def load(model_spec: str):
@@ -70,7 +71,6 @@ def load(model_spec: str):
 
 
 def run_trl(job: dict) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -102,21 +102,40 @@ def run_trl(job: dict) -> dict:
     if "lora" in cfg:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     args = DPOConfig(
-        output_dir=job["tmp"], per_device_train_batch_size=job["batch"], max_steps=job["warmup"] + job["steps"],
-        learning_rate=5e-7, beta=0.1, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-        precompute_ref_log_probs="precompute" in cfg, bf16="bf16" in cfg, max_length=None,
-        dataloader_num_workers=0, seed=0, gradient_accumulation_steps=1, use_cpu=True,
-        lr_scheduler_type="constant", max_grad_norm=1.0,
+        output_dir=job["tmp"],
+        per_device_train_batch_size=job["batch"],
+        max_steps=job["warmup"] + job["steps"],
+        learning_rate=5e-7,
+        beta=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        precompute_ref_log_probs="precompute" in cfg,
+        bf16="bf16" in cfg,
+        max_length=None,
+        dataloader_num_workers=0,
+        seed=0,
+        gradient_accumulation_steps=1,
+        use_cpu=True,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
     )
-    trainer = PreTokenized(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                           callbacks=[Clock()])
+    trainer = PreTokenized(
+        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config, callbacks=[Clock()]
+    )
     trainer.train()
     first = next((l for l in logs if "loss" in l), {})
-    return {"times": times[job["warmup"]:], "loss0": first.get("loss"),
-            "logps_chosen0": first.get("logps/chosen"), "logps_rejected0": first.get("logps/rejected")}
+    return {
+        "times": times[job["warmup"] :],
+        "loss0": first.get("loss"),
+        "logps_chosen0": first.get("logps/chosen"),
+        "logps_rejected0": first.get("logps/rejected"),
+    }
 
 
 def run_preftune(job: dict) -> dict:
@@ -129,21 +148,45 @@ def run_preftune(job: dict) -> dict:
 
     model, tok = load(job["model"])
     rows = synthetic_batch(tok, job["batch"], job["prompt"], job["response"])
-    examples = [TokenizedExample(r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]], index=i)
-                for i, r in enumerate(rows)]
+    examples = [
+        TokenizedExample(r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]], index=i) for i, r in enumerate(rows)
+    ]
     cfg_name = job["config"]
     cfg = TrainConfig(
-        model=job["model"], loss="dpo", beta=0.1, batch_size=job["batch"], max_steps=job["warmup"] + job["steps"],
-        learning_rate=5e-7, scheduler="constant", warmup_ratio=0.0, precision="bf16" if "bf16" in cfg_name else "fp32",
-        reference="precompute", ref_cache_dir=str(Path(job["tmp"]) / "ref"), output=str(Path(job["tmp"]) / "out"),
-        lora="lora" in cfg_name, lora_r=LORA_R, lora_alpha=LORA_ALPHA, progress=False, plot=False, save_model=False,
+        model=job["model"],
+        loss="dpo",
+        beta=0.1,
+        batch_size=job["batch"],
+        max_steps=job["warmup"] + job["steps"],
+        learning_rate=5e-7,
+        scheduler="constant",
+        warmup_ratio=0.0,
+        precision="bf16" if "bf16" in cfg_name else "fp32",
+        reference="precompute",
+        ref_cache_dir=str(Path(job["tmp"]) / "ref"),
+        output=str(Path(job["tmp"]) / "out"),
+        lora="lora" in cfg_name,
+        lora_r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        progress=False,
+        plot=False,
+        save_model=False,
         prefix_sharing=job.get("prefix_sharing", "auto"),
     )
     obj = cfg.objective()
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=True)
     policy, ref_model = loop.setup_models(cfg, model)
-    runner = loop.Runner(cfg, obj, obj.resolve(cfg.loss_hyperparameters()), acc, policy, ref_model, tok,
-                         TokenizedSet(examples, "bench"), None)
+    runner = loop.Runner(
+        cfg,
+        obj,
+        obj.resolve(cfg.loss_hyperparameters()),
+        acc,
+        policy,
+        ref_model,
+        tok,
+        TokenizedSet(examples, "bench"),
+        None,
+    )
     # (the Runner precomputes the reference log-probs, or loads them from the cache, before step 0)
     times, first = [], None
     for _ in range(cfg.max_steps):
@@ -152,9 +195,13 @@ def run_preftune(job: dict) -> dict:
         times.append(time.perf_counter() - t)
         runner.step += 1
         first = first or metrics
-    return {"times": times[job["warmup"]:], "loss0": first.get("loss"), "logps_chosen0": first.get("logps/chosen"),
-            "logps_rejected0": first.get("logps/rejected"),
-            "prefix_sharing": runner.base_engine.prefix_sharing_reason}
+    return {
+        "times": times[job["warmup"] :],
+        "loss0": first.get("loss"),
+        "logps_chosen0": first.get("logps/chosen"),
+        "logps_rejected0": first.get("logps/rejected"),
+        "prefix_sharing": runner.base_engine.prefix_sharing_reason,
+    }
 
 
 def child(job: dict) -> None:
@@ -204,10 +251,21 @@ def model_params(spec: str) -> int:
 
 
 def run_job(job: dict, timeout: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), TOKENIZERS_PARALLELISM="false",
-               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(job["threads"]),
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -222,10 +280,19 @@ def summarise(job: dict, res: dict, n_params: int, rates: dict) -> dict:
     tokens = job["batch"] * (job["prompt"] + 2 * job["response"])
     flops = (4 if "lora" in job["config"] else 6) * n_params * tokens
     rate = rates["bfloat16" if "bf16" in job["config"] else "float32"]
-    return {**row, "step_s": med, "steps_s": res["times"], "tokens_per_s": tokens / med,
-            "useful_tflop": flops / 1e12, "mfu": flops / med / (rate * 1e9), "peak_rss_gib": res["peak_rss_gib"],
-            "loss0": res.get("loss0"), "logps_chosen0": res.get("logps_chosen0"),
-            "logps_rejected0": res.get("logps_rejected0"), "prefix_sharing": res.get("prefix_sharing")}
+    return {
+        **row,
+        "step_s": med,
+        "steps_s": res["times"],
+        "tokens_per_s": tokens / med,
+        "useful_tflop": flops / 1e12,
+        "mfu": flops / med / (rate * 1e9),
+        "peak_rss_gib": res["peak_rss_gib"],
+        "loss0": res.get("loss0"),
+        "logps_chosen0": res.get("logps_chosen0"),
+        "logps_rejected0": res.get("logps_rejected0"),
+        "prefix_sharing": res.get("prefix_sharing"),
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -233,23 +300,33 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if r["config"].startswith("trl") and "step_s" in r:
             best.setdefault(r["shape"], {})[r["config"]] = r
-    lines = ["| shape P/R | configuration | median step (s) | tokens/s | peak RSS (GiB) | useful MFU | "
-             "vs TRL same precision | vs TRL precompute+bf16 | step-0 loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape P/R | configuration | median step (s) | tokens/s | peak RSS (GiB) | useful MFU | "
+        "vs TRL same precision | vs TRL precompute+bf16 | step-0 loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['config']} | error | | | | | | |")
             continue
         trl = best.get(r["shape"], {})
-        same = {"preftune_fp32": "trl_precompute", "preftune_bf16": "trl_precompute_bf16",
-                "preftune_lora": "trl_lora_precompute"}.get(r["config"])
+        same = {
+            "preftune_fp32": "trl_precompute",
+            "preftune_bf16": "trl_precompute_bf16",
+            "preftune_lora": "trl_lora_precompute",
+        }.get(r["config"])
         vs_same = f"{trl[same]['step_s'] / r['step_s']:.2f}x" if same in trl else ""
-        vs_best = (f"{trl['trl_precompute_bf16']['step_s'] / r['step_s']:.2f}x, "
-                   f"mem {r['peak_rss_gib'] / trl['trl_precompute_bf16']['peak_rss_gib']:.2f}x"
-                   if "trl_precompute_bf16" in trl and r["config"].startswith("preftune") else "")
+        vs_best = (
+            f"{trl['trl_precompute_bf16']['step_s'] / r['step_s']:.2f}x, "
+            f"mem {r['peak_rss_gib'] / trl['trl_precompute_bf16']['peak_rss_gib']:.2f}x"
+            if "trl_precompute_bf16" in trl and r["config"].startswith("preftune")
+            else ""
+        )
         loss = f"{r['loss0']:.6f}" if r.get("loss0") is not None else ""
-        lines.append(f"| {r['shape']} | {r['config']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_rss_gib']:.2f} | {100 * r['mfu']:.0f}% | {vs_same} | {vs_best} | {loss} |")
+        lines.append(
+            f"| {r['shape']} | {r['config']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_rss_gib']:.2f} | {100 * r['mfu']:.0f}% | {vs_same} | {vs_best} | {loss} |"
+        )
     return "\n".join(lines)
 
 
@@ -278,7 +355,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="shape 120/120 only, 1 warm-up and 2 timed steps, no LoRA")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model spec (preftune.model.load_model)")
@@ -309,10 +388,20 @@ def main() -> None:
     import transformers
     import trl
 
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-            "cpu": _cpu_name(), "threads": a.threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__, "command": " ".join(sys.argv),
-            "matmul_gflops": rates, "params": n_params, "batch": a.batch, "warmup": a.warmup, "steps": a.steps}
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "cpu": _cpu_name(),
+        "threads": a.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "command": " ".join(sys.argv),
+        "matmul_gflops": rates,
+        "params": n_params,
+        "batch": a.batch,
+        "warmup": a.warmup,
+        "steps": a.steps,
+    }
     print(json.dumps(meta, indent=1), flush=True)
     jobs = []
     for shape in a.shapes.split(","):
@@ -320,8 +409,18 @@ def main() -> None:
         for c in configs:
             if c in LORA_CONFIGS and shape != a.lora_shape:
                 continue
-            jobs.append({"model": a.model, "config": c, "prompt": p, "response": r, "batch": a.batch,
-                         "warmup": a.warmup, "steps": a.steps, "threads": a.threads})
+            jobs.append(
+                {
+                    "model": a.model,
+                    "config": c,
+                    "prompt": p,
+                    "response": r,
+                    "batch": a.batch,
+                    "warmup": a.warmup,
+                    "steps": a.steps,
+                    "threads": a.threads,
+                }
+            )
     results: dict[tuple, list] = {}
     for rep in range(a.repeats):
         order = jobs if rep % 2 == 0 else jobs[::-1]
@@ -330,14 +429,24 @@ def main() -> None:
             res = run_job(job, a.timeout)
             key = (job["prompt"], job["response"], job["config"])
             results.setdefault(key, []).append(res)
-            print(f"[{time.perf_counter() - t:6.0f}s] {job['prompt']}/{job['response']} {job['config']}: "
-                  f"{json.dumps(res)[:400]}", flush=True)
+            print(
+                f"[{time.perf_counter() - t:6.0f}s] {job['prompt']}/{job['response']} {job['config']}: "
+                f"{json.dumps(res)[:400]}",
+                flush=True,
+            )
     rows = []
     for job in jobs:
         runs = results[(job["prompt"], job["response"], job["config"])]
         good = [x for x in runs if "error" not in x]
-        merged = ({"times": [t for x in good for t in x["times"]], **{k: v for k, v in good[0].items() if k != "times"},
-                   "peak_rss_gib": max(x["peak_rss_gib"] for x in good)} if good else runs[0])
+        merged = (
+            {
+                "times": [t for x in good for t in x["times"]],
+                **{k: v for k, v in good[0].items() if k != "times"},
+                "peak_rss_gib": max(x["peak_rss_gib"] for x in good),
+            }
+            if good
+            else runs[0]
+        )
         rows.append(summarise(job, merged, n_params, rates))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -175,8 +175,8 @@ app.add_typer(reward_app, name="reward")
 def reward_train_cmd(
     config: str = typer.Argument(None, help="YAML recipe (configs/reward_*.yaml); flags and --set override it"),
     model: str = typer.Option(None, "--model", help="HF folder, hub id, .gguf file or smollm2-135m-instruct"),
-    data: str = typer.Option(None, "--data", help="preference pairs or ratings (.jsonl, .json, .parquet, dataset folder)"),
-    eval_data: str = typer.Option(None, "--eval-data", help="held-out data (default: --set eval_fraction of --data)"),
+    data: str = typer.Option(None, "--data", help="pairs or ratings (.jsonl, .json, .parquet, dataset folder)"),
+    eval_data: str = typer.Option(None, "--eval-data", help="held-out data (default: eval_fraction of --data)"),
     loss: str = typer.Option(None, "--loss", help="rm_bt, rm_bt_margin, rm_bt_scaled, rm_regression or rm_gpm"),
     output: str = typer.Option(None, "--output", "-o", help="output folder"),
     max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps"),
@@ -190,8 +190,8 @@ def reward_train_cmd(
     from preftune.reward.trainer import train_reward
     from preftune.train.config import parse_set
 
-    overrides = dict(model=model, data=data, eval_data=eval_data, loss=loss, output=output, max_steps=max_steps,
-                     lora=lora, resume=resume, skip_invalid=skip_invalid)
+    overrides = dict(model=model, data=data, eval_data=eval_data, loss=loss, output=output,
+                     max_steps=max_steps, lora=lora, resume=resume, skip_invalid=skip_invalid)
     with _user_errors():
         overrides.update(parse_set(set_ or []))
         cfg = load_reward_config(config, overrides)
@@ -203,15 +203,18 @@ def reward_train_cmd(
     if acc is not None:
         typer.echo(f"held-out pairwise accuracy: {acc:.4f} (eval loss {final.get('eval/loss', float('nan')):.4f})")
     elif "eval/loss" in final:
-        typer.echo(f"held-out loss: {final['eval/loss']:.4f}" + (f", MAE {final['eval/mae']:.4f}" if "eval/mae" in final else ""))
+        mae = f", MAE {final['eval/mae']:.4f}" if "eval/mae" in final else ""
+        typer.echo(f"held-out loss: {final['eval/loss']:.4f}{mae}")
 
 
 @app.command("judge", context_settings={"help_option_names": ["-h", "--help"]})
 def judge_cmd(
-    file: str = typer.Argument(..., help='JSONL: {"prompt", "responses": {system: text}} or {"prompt", "a", "b", "model_a", "model_b"}'),
-    judge: str = typer.Option(..., "--judge", "-j", help="task:NAME (built-in task), rm:PATH (reward/GPM model), llm:MODEL (chat model)"),
-    output: str = typer.Option("comparisons.jsonl", "--output", "-o", help="comparisons JSONL (input of `preftune rank`)"),
-    tie_margin: float = typer.Option(0.0, "--tie-margin", min=0.0, max=0.5, help="|P(a ≻ b) − ½| ≤ this is a tie"),
+    file: str = typer.Argument(..., help='JSONL rows {"prompt", "responses": {system: text}} '
+                               'or {"prompt", "a", "b", "model_a", "model_b"}'),
+    judge: str = typer.Option(..., "--judge", "-j", help="task:NAME (built-in task), rm:PATH (reward or GPM "
+                              "model folder), llm:MODEL (local chat model, asked A or B in both orders)"),
+    output: str = typer.Option("comparisons.jsonl", "--output", "-o", help="comparisons (input of preftune rank)"),
+    tie_margin: float = typer.Option(0.0, "--tie-margin", min=0.0, max=0.5, help="|P(a ≻ b) − ½| ≤ this: a tie"),
 ) -> None:
     """Judge every pair of systems per prompt; write {a, b, winner, prompt, judge} rows for `preftune rank`."""
     from preftune.reward.judges import judge_file, make_judge

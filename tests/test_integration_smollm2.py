@@ -14,20 +14,48 @@ pytestmark = pytest.mark.integration
 def test_two_lora_dpo_steps_on_smollm2(tmp_path):
     data = tmp_path / "pairs.jsonl"
     rows = [
-        {"prompt": [{"role": "user", "content": "Name a primary colour. Answer in one word."}],
-         "chosen": [{"role": "assistant", "content": "Red."}],
-         "rejected": [{"role": "assistant", "content": "A primary colour is a colour that cannot be mixed."}]},
-        {"prompt": [{"role": "user", "content": "What is 2 + 3? Answer with a number."}],
-         "chosen": [{"role": "assistant", "content": "5"}],
-         "rejected": [{"role": "assistant", "content": "The sum of two and three is five, which is odd."}]},
+        {
+            "prompt": [{"role": "user", "content": "Name a primary colour. Answer in one word."}],
+            "chosen": [{"role": "assistant", "content": "Red."}],
+            "rejected": [{"role": "assistant", "content": "A primary colour is a colour that cannot be mixed."}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "What is 2 + 3? Answer with a number."}],
+            "chosen": [{"role": "assistant", "content": "5"}],
+            "rejected": [{"role": "assistant", "content": "The sum of two and three is five, which is odd."}],
+        },
     ] * 2
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, [
-        "train", "--model", "smollm2-135m-instruct", "--data", str(data), "--loss", "dpo", "--max-steps", "2",
-        "--output", str(out), "--lora", "--set", "batch_size=2", "--set", "learning_rate=1e-4",
-        "--set", "progress=false", "--set", f"ref_cache_dir={tmp_path / 'rc'}", "--set", "max_length=128", "--set", "max_prompt_length=64",
-    ])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "smollm2-135m-instruct",
+            "--data",
+            str(data),
+            "--loss",
+            "dpo",
+            "--max-steps",
+            "2",
+            "--output",
+            str(out),
+            "--lora",
+            "--set",
+            "batch_size=2",
+            "--set",
+            "learning_rate=1e-4",
+            "--set",
+            "progress=false",
+            "--set",
+            f"ref_cache_dir={tmp_path / 'rc'}",
+            "--set",
+            "max_length=128",
+            "--set",
+            "max_prompt_length=64",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]

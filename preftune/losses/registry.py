@@ -33,7 +33,9 @@ class Hyper:
             return "one of " + ", ".join(map(str, self.choices))
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        return f"{left}{lo}, {hi}{right}"
 
     def check(self, value: Any) -> str | None:
         """Return an error text, or None when ``value`` is valid."""

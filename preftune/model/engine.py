@@ -129,12 +129,31 @@ def pack(
     ids, mask, position_ids, r_rows, r_pos, r_tok, r_slot, r_idx = build(prompt_ids, response_ids, pad_id, K)
     as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     pb = PackedBatch(
-        ids, mask, as_t(r_rows), as_t(r_pos), as_t(r_tok), as_t(r_slot), as_t(r_idx),
-        B, K, int(lengths.max().item()), lengths, valid, position_ids,
+        ids,
+        mask,
+        as_t(r_rows),
+        as_t(r_pos),
+        as_t(r_tok),
+        as_t(r_slot),
+        as_t(r_idx),
+        B,
+        K,
+        int(lengths.max().item()),
+        lengths,
+        valid,
+        position_ids,
     )
     if device is not None:
-        for name in ("input_ids", "attention_mask", "pred_rows", "pred_pos", "pred_tokens", "token_slot",
-                     "token_index", "position_ids"):
+        for name in (
+            "input_ids",
+            "attention_mask",
+            "pred_rows",
+            "pred_pos",
+            "pred_tokens",
+            "token_slot",
+            "token_index",
+            "position_ids",
+        ):
             if getattr(pb, name) is not None:
                 setattr(pb, name, getattr(pb, name).to(device))
     return pb
@@ -245,8 +264,14 @@ def _at_least_fp32(x: Tensor) -> Tensor:
 
 
 def _chunk_logps_kl(
-    hidden: Tensor, ref_hidden: Tensor, weight: Tensor, bias: Tensor | None, ref_weight: Tensor,
-    ref_bias: Tensor | None, tokens: Tensor, post,
+    hidden: Tensor,
+    ref_hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ref_weight: Tensor,
+    ref_bias: Tensor | None,
+    tokens: Tensor,
+    post,
 ) -> tuple[Tensor, Tensor, Tensor]:
     logp = _at_least_fp32(post(torch.nn.functional.linear(hidden, weight, bias))).log_softmax(-1)  # (C, V)
     with torch.no_grad():
@@ -355,8 +380,9 @@ class LogProbEngine(nn.Module):
         lm, backbone, _ = split_lm(self.model)
         emb = lm.get_input_embeddings().weight
         kwargs = {} if position_ids is None else {"position_ids": position_ids}
-        out = backbone(input_ids=input_ids, attention_mask=_attention_mask_for(lm, attention_mask, emb),
-                       use_cache=False, **kwargs)
+        out = backbone(
+            input_ids=input_ids, attention_mask=_attention_mask_for(lm, attention_mask, emb), use_cache=False, **kwargs
+        )
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def forward(
@@ -375,7 +401,9 @@ class LogProbEngine(nn.Module):
         reference, also the reference log-probs and KL(ref ‖ θ) over the full vocabulary (TDPO)."""
         lm, _, head = split_lm(self.model)
         post = _logits_postprocess(lm)
-        plain = all(getattr(lm.config, a, None) is None for a in ("logit_scale", "logits_scaling", "final_logit_softcapping"))
+        plain = all(
+            getattr(lm.config, a, None) is None for a in ("logit_scale", "logits_scaling", "final_logit_softcapping")
+        )
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         h = hidden[pred_rows, pred_pos]  # (M, H): only response positions reach the LM head
         weight, bias = head.weight, getattr(head, "bias", None)
@@ -443,9 +471,7 @@ def prefix_sharing_supported(model: nn.Module, chunk_size: int = 1024, atol: flo
     return True, f"{type(lm).__name__} ({impl} attention): shared = unshared (max |Δ logp| = {err:.1g})"
 
 
-def scatter_stats(
-    packed: PackedBatch, flat: Tensor, need_tokens: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def scatter_stats(packed: PackedBatch, flat: Tensor, need_tokens: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Sum flat per-token values (M,) into (B, K) sequences; optionally also lay them out (B, K, T)."""
     B, K = packed.B, packed.K
     seq = torch.zeros(B * K, dtype=flat.dtype, device=flat.device).index_add(0, packed.token_slot, flat)

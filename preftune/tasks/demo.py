@@ -32,10 +32,10 @@ class DemoConfig(BaseModel):
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
     # --- sampling
     train_prompts: int = Field(
-        24, gt=0, description="training prompts sampled from the task's training split"
+        64, gt=0, description="training prompts sampled from the task's training split"
     )
     k: int = Field(4, ge=2, description="responses sampled per training prompt")
-    heldout_prompts: int = Field(24, gt=0, description="held-out prompts (unseen topics) for before/after")
+    heldout_prompts: int = Field(64, gt=0, description="held-out prompts (unseen topics) for before/after")
     heldout_samples: int = Field(2, gt=0, description="responses per held-out prompt, before and after")
     temperature: float = Field(0.8, gt=0, description="sampling temperature (all phases)")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling")
@@ -50,7 +50,7 @@ class DemoConfig(BaseModel):
     loss: str = Field("dpo", description="objective (any paired objective of `preftune losses`)")
     beta: float = Field(0.1, gt=0, description="the objective's beta")
     learning_rate: float = Field(3e-4, gt=0, description="peak learning rate of the LoRA adapters")
-    epochs: float = Field(4.0, gt=0, description="passes over the pairs")
+    epochs: float = Field(3.0, gt=0, description="passes over the pairs")
     batch_size: int = Field(4, gt=0, description="pairs per optimizer step")
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: float = Field(32, gt=0, description="LoRA alpha")

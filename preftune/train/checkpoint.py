@@ -39,12 +39,22 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     if not ckpt_root.is_dir():
         return []
     done = [p for p in ckpt_root.glob(PREFIX + "*") if (p / "trainer_state.json").exists()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, *, model, optimizer, scheduler, trainer_state: dict, loss_state,
-    process_index: int, is_main: bool, wait, keep: int,
+    ckpt_root: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    loss_state,
+    process_index: int,
+    is_main: bool,
+    wait,
+    keep: int,
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -57,8 +67,14 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_{process_index}.pt")
     if is_main:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "loss_state": loss_state.state_dict() if loss_state is not None else None}, tmp / "optim.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "loss_state": loss_state.state_dict() if loss_state is not None else None,
+            },
+            tmp / "optim.pt",
+        )
         # trainer_state.json is written last: its presence marks the checkpoint complete.
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     wait()
@@ -78,7 +94,9 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, loss_state, proc
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
-        raise ValueError(f"{path}: checkpoint has parameters the model lacks (different model or LoRA settings?): {missing[:3]}")
+        raise ValueError(
+            f"{path}: checkpoint has parameters the model lacks (different model or LoRA settings?): {missing[:3]}"
+        )
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)

@@ -15,17 +15,29 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     # --- what to train
-    model: str = Field("smollm2-135m-instruct", description="HF folder, hub id, local .gguf, or the alias smollm2-135m-instruct")
+    model: str = Field(
+        "smollm2-135m-instruct", description="HF folder, hub id, local .gguf, or the alias smollm2-135m-instruct"
+    )
     data: str | None = Field(None, description="training data: .jsonl/.json/.parquet file or a saved HF dataset folder")
-    split: str | None = Field(None, description="split to read from a dataset folder with several splits (default: train)")
-    eval_data: str | None = Field(None, description="held-out data in the same formats; its metrics are logged as eval/*")
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the training data held out for eval when eval_data is unset")
-    output: str = Field("runs/preftune", description="output folder: checkpoints, metrics.jsonl, plots and the final model")
+    split: str | None = Field(
+        None, description="split to read from a dataset folder with several splits (default: train)"
+    )
+    eval_data: str | None = Field(
+        None, description="held-out data in the same formats; its metrics are logged as eval/*"
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="fraction of the training data held out for eval when eval_data is unset"
+    )
+    output: str = Field(
+        "runs/preftune", description="output folder: checkpoints, metrics.jsonl, plots and the final model"
+    )
 
     # --- objective
     loss: str = Field("dpo", description="objective name from `preftune losses`")
     beta: float | None = Field(None, description="shortcut for loss_params.beta")
-    loss_params: dict[str, Any] = Field(default_factory=dict, description="objective hyperparameters (see `preftune losses`)")
+    loss_params: dict[str, Any] = Field(
+        default_factory=dict, description="objective hyperparameters (see `preftune losses`)"
+    )
     pair_strategy: Literal["best_worst", "all", "adjacent"] = Field(
         "best_worst", description="how pairs are built from scored or ranked lists"
     )
@@ -33,7 +45,9 @@ class TrainConfig(BaseModel):
     # --- tokenisation
     max_length: int = Field(1024, gt=1, description="longest prompt + response in tokens")
     max_prompt_length: int = Field(512, gt=0, description="longest prompt in tokens (truncated first)")
-    truncation_mode: Literal["keep_end", "keep_start"] = Field("keep_end", description="which end of an over-long prompt to keep")
+    truncation_mode: Literal["keep_end", "keep_start"] = Field(
+        "keep_end", description="which end of an over-long prompt to keep"
+    )
     chat_template: Literal["auto", "always", "never"] = Field(
         "auto", description="apply the tokenizer's chat template: auto = to conversations only"
     )
@@ -48,9 +62,13 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps of linear warm-up")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate decay after warm-up"
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null: no clipping)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast with float32 master weights and losses")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 = autocast with float32 master weights and losses"
+    )
     seed: int = Field(0, description="seed for data order, initialisation of adapters and dropout")
     disable_dropout: bool = Field(True, description="turn dropout off so policy and reference see the same network")
 
@@ -60,13 +78,17 @@ class TrainConfig(BaseModel):
         description="auto: precompute when the objective needs only reference log-probs, live for live logits; "
         "none is allowed only for reference-free objectives",
     )
-    ref_cache_dir: str | None = Field(None, description="where precomputed reference log-probs are cached (default ~/.cache/preftune/ref)")
+    ref_cache_dir: str | None = Field(
+        None, description="where precomputed reference log-probs are cached (default ~/.cache/preftune/ref)"
+    )
     token_rm_model: str | None = Field(
-        None, description="TGDPO: the frozen token-level reward policy (HF folder or id, same tokenizer), e.g. a "
+        None,
+        description="TGDPO: the frozen token-level reward policy (HF folder or id, same tokenizer), e.g. a "
         "DPO-trained model; its per-token log-probs guide the token weights",
     )
     value_model: str | None = Field(
-        None, description="OREO: the frozen critic V(s_t), a token-classification model with one label (HF folder); "
+        None,
+        description="OREO: the frozen critic V(s_t), a token-classification model with one label (HF folder); "
         "preftune trains the policy only",
     )
 
@@ -114,16 +136,19 @@ class TrainConfig(BaseModel):
         if obj.trains == "reward_model":
             raise ValueError(f"'{obj.name}' trains a reward model: use `preftune reward train`")
         if obj.trains == "diffusion":
-            raise ValueError(f"'{obj.name}' operates on denoising errors of a diffusion model; use the Python API "
-                             "(preftune.losses.get(name).fn)")
+            raise ValueError(
+                f"'{obj.name}' operates on denoising errors of a diffusion model; use the Python API "
+                "(preftune.losses.get(name).fn)"
+            )
         obj.resolve(self.loss_hyperparameters())  # range check with the objective's name in the error
         for name in required_config(obj):
             if getattr(self, name) is None:
-                raise ValueError(f"objective '{obj.name}' needs {name}: "
-                                 f"{type(self).model_fields[name].description}")
+                raise ValueError(f"objective '{obj.name}' needs {name}: {type(self).model_fields[name].description}")
         if needs_live_reference(obj) and self.reference == "precompute" and not self.lora:
-            raise ValueError(f"objective '{obj.name}' evaluates the reference on pairs built during training "
-                             "(KTO's mismatched pairs): use reference=auto or live, or lora=true")
+            raise ValueError(
+                f"objective '{obj.name}' evaluates the reference on pairs built during training "
+                "(KTO's mismatched pairs): use reference=auto or live, or lora=true"
+            )
         if self.reference == "none" and obj.needs_reference:
             raise ValueError(f"objective '{obj.name}' needs a reference model; reference=none is not allowed")
         if self.max_prompt_length >= self.max_length:
@@ -182,8 +207,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """YAML (if given) overlaid with ``overrides`` (None values ignored), validated once."""
+def load_config(path: str | Path | None, overrides: dict[str, Any], model: type[BaseModel] | None = None):
+    """YAML (if given) overlaid with ``overrides`` (None values ignored), validated once as ``model``
+    (default TrainConfig; every command's typed config loads the same way)."""
     import yaml
 
     data: dict[str, Any] = {}
@@ -202,4 +228,4 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
             data[k] = {**data[k], **v}
         else:
             data[k] = v
-    return TrainConfig.model_validate(data)
+    return (model or TrainConfig).model_validate(data)

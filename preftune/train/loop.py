@@ -242,7 +242,11 @@ def precompute_reference(runner: Runner, dataset):
     data and tokenisation are unchanged; computed once otherwise (in this process's share)."""
     from preftune.data import collate
     from preftune.model.reference import (
-        ReferenceCache, cache_key, data_fingerprint, default_cache_dir, model_fingerprint,
+        ReferenceCache,
+        cache_key,
+        data_fingerprint,
+        default_cache_dir,
+        model_fingerprint,
     )
 
     cfg, acc = runner.cfg, runner.acc

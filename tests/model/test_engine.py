@@ -10,7 +10,12 @@ import torch
 
 from preftune.model import engine as engine_mod
 from preftune.model.engine import (
-    LogProbEngine, live_reference_inputs, pack, policy_stats, prefix_sharing_supported, reference_stats,
+    LogProbEngine,
+    live_reference_inputs,
+    pack,
+    policy_stats,
+    prefix_sharing_supported,
+    reference_stats,
 )
 from preftune.testing import ARCHES, tiny_model
 

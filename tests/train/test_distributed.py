@@ -21,8 +21,18 @@ def _free_port() -> int:
 
 def _run(nproc: int, batch_size: int, args, result: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           str(WORKER), *map(str, args), str(batch_size), str(result)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(WORKER),
+        *map(str, args),
+        str(batch_size),
+        str(result),
+    ]
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), *map(str, args), str(batch_size), str(result)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

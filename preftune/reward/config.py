@@ -1,0 +1,203 @@
+"""The one typed config of `preftune reward train`: YAML fills it, flags and ``--set key=value`` override it.
+
+Same conventions (and, where an option means the same thing, the same names and help) as
+``preftune.train.config.TrainConfig``: the shared training loop reads both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RewardObjective = Literal["rm_bt", "rm_bt_margin", "rm_bt_scaled", "rm_regression", "rm_gpm"]
+# Per-pair columns each objective reads from the data (numeric columns of a paired row).
+REQUIRED_COLUMNS = {"rm_bt_margin": ("margin",), "rm_bt_scaled": ("preference_strength",)}
+
+
+class RewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # --- what to train
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="HF folder, hub id, local .gguf, or the alias smollm2-135m-instruct; "
+        "loaded as AutoModelForSequenceClassification (a fresh head of num_labels outputs)",
+    )
+    data: str | None = Field(
+        None, description="training data: .jsonl/.json/.parquet file or a saved HF dataset folder"
+    )
+    split: str | None = Field(
+        None, description="split to read from a dataset folder with several splits (default: train)"
+    )
+    eval_data: str | None = Field(
+        None, description="held-out data in the same formats; its metrics are logged as eval/*"
+    )
+    eval_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the training data held out for eval when eval_data is unset",
+    )
+    output: str = Field(
+        "runs/reward",
+        description="output folder: checkpoints, metrics.jsonl, plots and the final model (output/model)",
+    )
+
+    # --- objective
+    loss: RewardObjective = Field(
+        "rm_bt",
+        description="rm_bt (Bradley–Terry), rm_bt_margin (BT minus a per-pair 'margin' column), rm_bt_scaled "
+        "(HelpSteer2-Preference: |preference_strength|·BT), rm_regression (ratings, one head per attribute), "
+        "rm_gpm (General Preference Model, 2k-dim skew-symmetric embeddings)",
+    )
+    loss_params: dict[str, Any] = Field(
+        default_factory=dict, description="objective hyperparameters (see `preftune losses`)"
+    )
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="shortcut for loss_params.center_rewards_coefficient "
+        "(rm_bt, rm_bt_margin; 0.01 recommended)",
+    )
+    gpm_dim: int = Field(
+        2,
+        ge=2,
+        description="rm_gpm: embedding size 2k (k rotation blocks; "
+        "2 in the paper's default, 6 in its 8B model)",
+    )
+    attributes: list[str] = Field(
+        default_factory=lambda: ["helpfulness"],
+        description="rm_regression: rated columns, one head each "
+        "(HelpSteer2: helpfulness, correctness, coherence, "
+        "complexity, verbosity); a row missing an attribute has that head masked",
+    )
+    reward_attribute: str | None = Field(
+        None,
+        description="rm_regression: the attribute whose head is the reward for score/prefer "
+        "(default: the first)",
+    )
+    pair_strategy: Literal["best_worst", "all", "adjacent"] = Field(
+        "all",
+        description="how pairs are built from scored or ranked lists "
+        "(all: every ordered pair, as InstructGPT)",
+    )
+
+    # --- tokenisation
+    max_length: int = Field(512, gt=1, description="longest prompt + response in tokens")
+    max_prompt_length: int = Field(256, gt=0, description="longest prompt in tokens (truncated first)")
+    truncation_mode: Literal["keep_end", "keep_start"] = Field(
+        "keep_end", description="which end of an over-long prompt to keep"
+    )
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto", description="apply the tokenizer's chat template: auto = to conversations only"
+    )
+    skip_invalid: bool = Field(
+        False, description="drop invalid records (reported with a count) instead of failing"
+    )
+
+    # --- optimisation
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data when max_steps is unset")
+    batch_size: int = Field(8, gt=0, description="pairs (or rated responses) per device per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    learning_rate: float = Field(1e-5, gt=0, description="peak AdamW learning rate (LoRA: 1e-4..1e-3)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps of linear warm-up")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate decay after warm-up"
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null: no clipping)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 = autocast with float32 master weights and losses"
+    )
+    seed: int = Field(
+        0, description="seed for data order, the new head's initialisation, adapters and dropout"
+    )
+    disable_dropout: bool = Field(
+        True, description="turn dropout off (rewards of a pair come from the same network)"
+    )
+
+    # --- LoRA
+    lora: bool = Field(
+        False, description="train LoRA adapters plus the full new head; the saved model has them merged"
+    )
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_target: str | list[str] = Field("all-linear", description="modules to adapt")
+
+    # --- batching
+    length_grouping: bool = Field(
+        True, description="batch examples of similar length together (less padding)"
+    )
+
+    # --- bookkeeping
+    logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")
+    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept (oldest deleted)")
+    resume: bool = Field(False, description="continue from the latest checkpoint in output")
+    save_model: bool = Field(
+        True,
+        description="save the final model (output/model, loadable by AutoModelForSequenceClassification)",
+    )
+    plot: bool = Field(True, description="write training curves as PNG at the end")
+    progress: bool = Field(True, description="show a live progress bar")
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v) or not all(isinstance(a, str) and a for a in v):
+            raise ValueError("attributes must be a non-empty list of distinct column names")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        self.objective().resolve(self.loss_hyperparameters())  # range check with the objective's name
+        if self.gpm_dim % 2:
+            raise ValueError(f"gpm_dim must be even (2k), got {self.gpm_dim}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        if self.reward_attribute is not None and self.reward_attribute not in self.attributes:
+            raise ValueError(
+                f"reward_attribute {self.reward_attribute!r} is not one of attributes {self.attributes}"
+            )
+        return self
+
+    # The shared loop (train/loop.py) reads these two; a reward model never has a reference.
+    def objective(self):
+        from preftune.losses import get
+
+        return get(self.loss)
+
+    def resolved_reference(self) -> str:
+        return "none"
+
+    def loss_hyperparameters(self) -> dict[str, Any]:
+        params = dict(self.loss_params)
+        if self.center_rewards_coefficient is not None:
+            params["center_rewards_coefficient"] = self.center_rewards_coefficient
+        return params
+
+    @property
+    def kind(self) -> str:
+        """What the model outputs: ``bt`` (one reward), ``regression`` (one per attribute), ``gpm``."""
+        return {"rm_regression": "regression", "rm_gpm": "gpm"}.get(self.loss, "bt")
+
+    @property
+    def num_labels(self) -> int:
+        return {"bt": 1, "regression": len(self.attributes), "gpm": self.gpm_dim}[self.kind]
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+
+def load_reward_config(path: str | Path | None, overrides: dict[str, Any]) -> RewardConfig:
+    """YAML (if given) overlaid with ``overrides`` (None values ignored), validated once."""
+    from preftune.train.config import load_config
+
+    return load_config(path, overrides, model=RewardConfig)

@@ -1,0 +1,143 @@
+"""Small synthetic preference sets: a cyclic (rock–paper–scissors) tournament, and word_limit pairs.
+
+``cyclic_pairs`` is a preference set no scalar reward can fit: every item beats the next ``(n−1)/2``
+items around a circle, so every item wins exactly half its comparisons. A Bradley–Terry model's
+best fit gives every item the same reward (P = ½ on every pair; at most 2/3 of RPS pairs can be
+ordered right by any scalar), while GPM's rotation score s = ⟨R v_i, v_j⟩ fits it exactly.
+
+``word_limit_pairs`` builds reward-model training pairs for the built-in ``word_limit`` task
+without sampling a model: for each prompt a response the task's programmatic judge accepts and one
+it rejects (too long — often just over the limit — or too short), both built from the same
+vocabulary of the prompt's topic; the judge labels which is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+RPS = ("rock", "paper", "scissors")
+
+
+def cyclic_pairs(items: tuple[str, ...] = RPS, prompt: str = "Pick one:", repeats: int = 1) -> list[dict]:
+    """``prompt/chosen/rejected`` rows of the circular tournament on ``items`` (odd count).
+
+    Item i+d beats item i for d = 1 … (n−1)/2 (mod n): for RPS, paper ≻ rock, scissors ≻ paper,
+    rock ≻ scissors.
+    """
+    n = len(items)
+    if n < 3 or n % 2 == 0:
+        raise ValueError("a regular cyclic tournament needs an odd number (≥ 3) of items")
+    rows = []
+    for _ in range(repeats):
+        for i in range(n):
+            for d in range(1, (n - 1) // 2 + 1):
+                rows.append(
+                    {"prompt": prompt, "chosen": " " + items[(i + d) % n], "rejected": " " + items[i]}
+                )
+    return rows
+
+
+_FILLER = (
+    "it",
+    "is",
+    "a",
+    "very",
+    "useful",
+    "part",
+    "of",
+    "daily",
+    "life",
+    "for",
+    "many",
+    "people",
+    "and",
+    "it",
+    "has",
+    "a",
+    "long",
+    "history",
+    "that",
+    "most",
+    "people",
+    "find",
+    "quite",
+    "interesting",
+    "because",
+    "it",
+    "changes",
+    "how",
+    "we",
+    "live",
+    "work",
+    "and",
+    "learn",
+    "every",
+    "single",
+    "day",
+    "in",
+    "small",
+    "ways",
+    "that",
+    "add",
+    "up",
+    "over",
+    "time",
+)
+
+
+def _answer(topic: str, words: int, rng: random.Random) -> str:
+    head = topic[0].upper() + topic[1:]
+    body = [rng.choice(_FILLER) for _ in range(max(0, words - len(topic.split())))]
+    return " ".join([head, *body])[:10_000] + "."
+
+
+def word_limit_pairs(n: int = 160, seed: int = 0, heldout: bool = False) -> list[dict]:
+    """``prompt/chosen/rejected`` rows for ``word_limit`` prompts, labelled by the task's judge.
+
+    Compliant: 3 … N words. Non-compliant: N+1 … N+8 words (60%), 2N … 3N words (25%) or 1–2 words
+    (15%). The pair is kept only if the judge says the chosen response succeeds and the rejected fails.
+    """
+    from preftune.tasks import get_task, prompt_text
+    from preftune.tasks.word_limit import TOPICS, limit_of
+
+    task = get_task("word_limit")
+    rng = random.Random(seed)
+    prompts = task.heldout_prompts() if heldout else task.train_prompts()
+    rng.shuffle(prompts)
+    rows = []
+    for prompt in prompts[:n]:
+        limit = limit_of(prompt)
+        topic = next((t for t in TOPICS if t in prompt_text(prompt)), "it")
+        good = _answer(topic, rng.randint(max(3, len(topic.split()) + 1), limit), rng)
+        u = rng.random()
+        bad_words = (
+            rng.randint(limit + 1, limit + 8)
+            if u < 0.6
+            else rng.randint(2 * limit, 3 * limit)
+            if u < 0.85
+            else 0
+        )
+        bad = _answer(topic, bad_words, rng) if bad_words else rng.choice(["Yes.", "Maybe.", "It depends."])
+        jg, jb = task.judge(prompt, good), task.judge(prompt, bad)
+        if jg.success and not jb.success:
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": good}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                    "chosen_score": jg.score,
+                    "rejected_score": jb.score,
+                }
+            )
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
