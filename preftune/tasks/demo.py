@@ -50,7 +50,7 @@ class DemoConfig(BaseModel):
     loss: str = Field("dpo", description="objective (any paired objective of `preftune losses`)")
     beta: float = Field(0.1, gt=0, description="the objective's beta")
     learning_rate: float = Field(3e-4, gt=0, description="peak learning rate of the LoRA adapters")
-    epochs: float = Field(3.0, gt=0, description="passes over the pairs")
+    epochs: float = Field(1.0, gt=0, description="passes over the pairs (more over-optimises: see report)")
     batch_size: int = Field(4, gt=0, description="pairs per optimizer step")
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: float = Field(32, gt=0, description="LoRA alpha")
