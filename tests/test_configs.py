@@ -11,10 +11,12 @@ from preftune.train.config import TrainConfig
 from preftune.train.inputs import required_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# reward_*.yaml are RewardConfig recipes (`preftune reward train`), parsed in tests/reward.
+POLICY_RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("reward_"))
 
 
 def test_one_recipe_per_policy_objective():
-    have = {p.stem for p in CONFIGS.glob("*.yaml")}
+    have = {p.stem for p in POLICY_RECIPES}
     want = {o.name for o in policy_objectives()}
     assert have == want, (
         f"missing {sorted(want - have)}, extra {sorted(have - want)}: "
@@ -22,7 +24,7 @@ def test_one_recipe_per_policy_objective():
     )
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", POLICY_RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_into_train_config(path):
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert raw["data"] is None and raw["loss"] == path.stem

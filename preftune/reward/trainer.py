@@ -140,13 +140,13 @@ def build_reward_runner(
     cfg: RewardConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None
 ):
     """Data (validated and tokenised before anything is written), model, optimizer, output folder."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from preftune.reward import data as reward_data
+    from preftune.train.trainer import make_accelerator
 
     no_accel = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
+    acc = make_accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
     set_seed(cfg.seed)
     if tokenizer is None:
         from preftune.model import load_tokenizer

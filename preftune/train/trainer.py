@@ -30,7 +30,6 @@ class TrainResult:
 def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None):
     """Everything up to the first optimizer step: data (validated and tokenised before anything is
     written), models, optimizer, output folder. Returns the ``loop.Runner``."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from preftune.train import data_prep, loop
@@ -40,7 +39,7 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
     # cpu=True when there is no accelerator: only then does accelerate form a gloo process group
     # from torchrun / `accelerate launch` environment variables on a CPU machine.
     no_accel = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
+    acc = make_accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
     set_seed(cfg.seed)
 
     # ---- data
@@ -78,6 +77,18 @@ def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenize
     runner.run()
     model_dir = runner.save_final() if cfg.save_model else None
     return TrainResult(cfg.output_dir, model_dir, runner.step, runner.history, runner.base_engine.model)
+
+
+def make_accelerator(**kwargs):
+    """An Accelerator with this run's settings. accelerate keeps one process-wide AcceleratorState and
+    refuses a second Accelerator with another precision; anything that ran earlier in the process (a
+    previous run, a notebook cell, another library's Trainer) may have fixed one. Only that state is
+    reset: the process group (PartialState) of a distributed launch stays as it is."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**kwargs)
 
 
 def steps_for(cfg: TrainConfig, n_examples: int, world: int) -> tuple[int, int]:
