@@ -9,30 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from preftune.train.config import RunConfig
 
 RewardObjective = Literal["rm_bt", "rm_bt_margin", "rm_bt_scaled", "rm_regression", "rm_gpm"]
 # Per-pair columns each objective reads from the data (numeric columns of a paired row).
 REQUIRED_COLUMNS = {"rm_bt_margin": ("margin",), "rm_bt_scaled": ("preference_strength",)}
 
 
-class RewardConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+class RewardConfig(RunConfig):
 
     # --- what to train
     model: str = Field(
         "smollm2-135m-instruct",
         description="HF folder, hub id, local .gguf, or the alias smollm2-135m-instruct; "
         "loaded as AutoModelForSequenceClassification (a fresh head of num_labels outputs)",
-    )
-    data: str | None = Field(
-        None, description="training data: .jsonl/.json/.parquet file or a saved HF dataset folder"
-    )
-    split: str | None = Field(
-        None, description="split to read from a dataset folder with several splits (default: train)"
-    )
-    eval_data: str | None = Field(
-        None, description="held-out data in the same formats; its metrics are logged as eval/*"
     )
     eval_fraction: float = Field(
         0.1,
@@ -51,9 +43,6 @@ class RewardConfig(BaseModel):
         description="rm_bt (Bradley–Terry), rm_bt_margin (BT minus a per-pair 'margin' column), rm_bt_scaled "
         "(HelpSteer2-Preference: |preference_strength|·BT), rm_regression (ratings, one head per attribute), "
         "rm_gpm (General Preference Model, 2k-dim skew-symmetric embeddings)",
-    )
-    loss_params: dict[str, Any] = Field(
-        default_factory=dict, description="objective hyperparameters (see `preftune losses`)"
     )
     center_rewards_coefficient: float | None = Field(
         None,
@@ -87,32 +76,10 @@ class RewardConfig(BaseModel):
     # --- tokenisation
     max_length: int = Field(512, gt=1, description="longest prompt + response in tokens")
     max_prompt_length: int = Field(256, gt=0, description="longest prompt in tokens (truncated first)")
-    truncation_mode: Literal["keep_end", "keep_start"] = Field(
-        "keep_end", description="which end of an over-long prompt to keep"
-    )
-    chat_template: Literal["auto", "always", "never"] = Field(
-        "auto", description="apply the tokenizer's chat template: auto = to conversations only"
-    )
-    skip_invalid: bool = Field(
-        False, description="drop invalid records (reported with a count) instead of failing"
-    )
 
     # --- optimisation
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
-    epochs: float = Field(1.0, gt=0, description="passes over the training data when max_steps is unset")
     batch_size: int = Field(8, gt=0, description="pairs (or rated responses) per device per micro-batch")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     learning_rate: float = Field(1e-5, gt=0, description="peak AdamW learning rate (LoRA: 1e-4..1e-3)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps of linear warm-up")
-    scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="learning-rate decay after warm-up"
-    )
-    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null: no clipping)")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16 = autocast with float32 master weights and losses"
-    )
     seed: int = Field(
         0, description="seed for data order, the new head's initialisation, adapters and dropout"
     )
@@ -124,10 +91,6 @@ class RewardConfig(BaseModel):
     lora: bool = Field(
         False, description="train LoRA adapters plus the full new head; the saved model has them merged"
     )
-    lora_r: int = Field(16, gt=0, description="LoRA rank")
-    lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    lora_target: str | list[str] = Field("all-linear", description="modules to adapt")
 
     # --- batching
     length_grouping: bool = Field(
@@ -135,17 +98,10 @@ class RewardConfig(BaseModel):
     )
 
     # --- bookkeeping
-    logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
-    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")
-    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
-    save_total_limit: int = Field(2, gt=0, description="checkpoints kept (oldest deleted)")
-    resume: bool = Field(False, description="continue from the latest checkpoint in output")
     save_model: bool = Field(
         True,
         description="save the final model (output/model, loadable by AutoModelForSequenceClassification)",
     )
-    plot: bool = Field(True, description="write training curves as PNG at the end")
-    progress: bool = Field(True, description="show a live progress bar")
 
     @field_validator("attributes")
     @classmethod

@@ -11,19 +11,60 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class TrainConfig(BaseModel):
+class RunConfig(BaseModel):
+    """Options every training command shares (policy and reward-model training): data access,
+    optimisation, LoRA shape and bookkeeping. One definition, one help text each."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-    # --- what to train
-    model: str = Field(
-        "smollm2-135m-instruct", description="HF folder, hub id, local .gguf, or the alias smollm2-135m-instruct"
-    )
     data: str | None = Field(None, description="training data: .jsonl/.json/.parquet file or a saved HF dataset folder")
     split: str | None = Field(
         None, description="split to read from a dataset folder with several splits (default: train)"
     )
     eval_data: str | None = Field(
         None, description="held-out data in the same formats; its metrics are logged as eval/*"
+    )
+    loss_params: dict[str, Any] = Field(
+        default_factory=dict, description="objective hyperparameters (see `preftune losses`)"
+    )
+    truncation_mode: Literal["keep_end", "keep_start"] = Field(
+        "keep_end", description="which end of an over-long prompt to keep"
+    )
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto", description="apply the tokenizer's chat template: auto = to conversations only"
+    )
+    skip_invalid: bool = Field(False, description="drop invalid records (reported with a count) instead of failing")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data when max_steps is unset")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps of linear warm-up")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate decay after warm-up"
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null: no clipping)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 = autocast with float32 master weights and losses"
+    )
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_target: str | list[str] = Field("all-linear", description="modules to adapt")
+    logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")
+    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept (oldest deleted)")
+    resume: bool = Field(False, description="continue from the latest checkpoint in output")
+    plot: bool = Field(True, description="write training curves as PNG at the end")
+    progress: bool = Field(True, description="show a live progress bar")
+
+
+class TrainConfig(RunConfig):
+
+    # --- what to train
+    model: str = Field(
+        "smollm2-135m-instruct", description="HF folder, hub id, local .gguf, or the alias smollm2-135m-instruct"
     )
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="fraction of the training data held out for eval when eval_data is unset"
@@ -35,9 +76,6 @@ class TrainConfig(BaseModel):
     # --- objective
     loss: str = Field("dpo", description="objective name from `preftune losses`")
     beta: float | None = Field(None, description="shortcut for loss_params.beta")
-    loss_params: dict[str, Any] = Field(
-        default_factory=dict, description="objective hyperparameters (see `preftune losses`)"
-    )
     pair_strategy: Literal["best_worst", "all", "adjacent"] = Field(
         "best_worst", description="how pairs are built from scored or ranked lists"
     )
@@ -45,30 +83,10 @@ class TrainConfig(BaseModel):
     # --- tokenisation
     max_length: int = Field(1024, gt=1, description="longest prompt + response in tokens")
     max_prompt_length: int = Field(512, gt=0, description="longest prompt in tokens (truncated first)")
-    truncation_mode: Literal["keep_end", "keep_start"] = Field(
-        "keep_end", description="which end of an over-long prompt to keep"
-    )
-    chat_template: Literal["auto", "always", "never"] = Field(
-        "auto", description="apply the tokenizer's chat template: auto = to conversations only"
-    )
-    skip_invalid: bool = Field(False, description="drop invalid records (reported with a count) instead of failing")
 
     # --- optimisation
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
-    epochs: float = Field(1.0, gt=0, description="passes over the training data when max_steps is unset")
     batch_size: int = Field(4, gt=0, description="prompts (groups) per device per micro-batch")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     learning_rate: float = Field(5e-6, gt=0, description="peak AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of steps of linear warm-up")
-    scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="learning-rate decay after warm-up"
-    )
-    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null: no clipping)")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16 = autocast with float32 master weights and losses"
-    )
     seed: int = Field(0, description="seed for data order, initialisation of adapters and dropout")
     disable_dropout: bool = Field(True, description="turn dropout off so policy and reference see the same network")
 
@@ -94,10 +112,6 @@ class TrainConfig(BaseModel):
 
     # --- LoRA
     lora: bool = Field(False, description="train LoRA adapters; the reference is the base model with adapters off")
-    lora_r: int = Field(16, gt=0, description="LoRA rank")
-    lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    lora_target: str | list[str] = Field("all-linear", description="modules to adapt")
     merge_lora: bool = Field(False, description="also save merged full weights in output/merged")
 
     # --- engine
@@ -111,14 +125,7 @@ class TrainConfig(BaseModel):
     )
 
     # --- bookkeeping
-    logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
-    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")
-    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
-    save_total_limit: int = Field(2, gt=0, description="checkpoints kept (oldest deleted)")
-    resume: bool = Field(False, description="continue from the latest checkpoint in output")
     save_model: bool = Field(True, description="save the final model with save_pretrained")
-    plot: bool = Field(True, description="write training curves as PNG at the end")
-    progress: bool = Field(True, description="show a live progress bar")
 
     @field_validator("loss")
     @classmethod
