@@ -21,7 +21,9 @@ in both trainers and the step-0 loss and log-probs are comparable. TRL gets the 
 
 Configurations: ``trl_default`` (float32, live reference copy), ``trl_precompute`` (reference
 log-probs precomputed before training), ``trl_precompute_bf16``, ``preftune_fp32``, ``preftune_bf16``
-(both with reference log-probs precomputed and cached, prefix sharing auto), ``trl_lora_precompute``
+(both with reference log-probs precomputed and cached, prefix sharing auto), ``preftune_fp32_ckpt`` and
+``preftune_bf16_ckpt`` (the same with ``gradient_checkpointing``: each decoder layer's activations are
+recomputed in backward, so they trade about one extra forward for memory), ``trl_lora_precompute``
 and ``preftune_lora`` (LoRA r=16 on all linear layers, float32). Reference precomputation is not
 counted in the step time of either trainer.
 """
@@ -41,7 +43,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["64/64", "120/120", "512/128"]
-CONFIGS = ["trl_default", "trl_precompute", "trl_precompute_bf16", "preftune_fp32", "preftune_bf16"]
+CONFIGS = [
+    "trl_default",
+    "trl_precompute",
+    "trl_precompute_bf16",
+    "preftune_fp32",
+    "preftune_bf16",
+    "preftune_fp32_ckpt",
+    "preftune_bf16_ckpt",
+]
 LORA_CONFIGS = ["trl_lora_precompute", "preftune_lora"]
 LORA_R, LORA_ALPHA = 16, 32
 
@@ -172,6 +182,7 @@ def run_preftune(job: dict) -> dict:
         plot=False,
         save_model=False,
         prefix_sharing=job.get("prefix_sharing", "auto"),
+        gradient_checkpointing="ckpt" in cfg_name,
     )
     obj = cfg.objective()
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=True)
@@ -314,7 +325,7 @@ def table(rows: list[dict]) -> str:
             "preftune_fp32": "trl_precompute",
             "preftune_bf16": "trl_precompute_bf16",
             "preftune_lora": "trl_lora_precompute",
-        }.get(r["config"])
+        }.get(r["config"].removesuffix("_ckpt"))
         vs_same = f"{trl[same]['step_s'] / r['step_s']:.2f}x" if same in trl else ""
         vs_best = (
             f"{trl['trl_precompute_bf16']['step_s'] / r['step_s']:.2f}x, "

@@ -29,7 +29,7 @@ from preftune.reward.model import (
     plain_model,
 )
 from preftune.train.loop import Runner, disable_dropout
-from preftune.train.trainer import TrainResult, lr_lambda, steps_for
+from preftune.train.trainer import TrainResult, make_optimizer, steps_for
 
 
 class ScoreEngine(torch.nn.Module):
@@ -70,13 +70,7 @@ class RewardRunner(Runner):
         self.step, self.history = 0, []
 
         model.train()
-        opt = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=cfg.learning_rate,
-            betas=cfg.adam_betas,
-            weight_decay=cfg.weight_decay,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.total))
+        opt, sched = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], self.total)
         self.engine, self.opt, self.sched = acc.prepare(ScoreEngine(model), opt, sched)
         self.base_engine = acc.unwrap_model(self.engine)
         self.out = cfg.output_dir

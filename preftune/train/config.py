@@ -116,6 +116,14 @@ class TrainConfig(RunConfig):
 
     # --- engine
     logits_chunk: int = Field(1024, gt=0, description="response positions per LM-head chunk")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="keep only each decoder layer's input and recompute the layer in backward (transformers' "
+        "activation checkpointing, non-reentrant): far less activation memory for about one extra forward",
+    )
+    checkpoint_every_n_layers: int = Field(
+        1, ge=1, description="with gradient_checkpointing: recompute only every n-th decoder layer (memory/speed dial)"
+    )
     length_grouping: bool = Field(True, description="batch prompts of similar length together (less padding)")
     prefix_sharing: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -155,6 +163,13 @@ class TrainConfig(RunConfig):
             raise ValueError(
                 f"objective '{obj.name}' evaluates the reference on pairs built during training "
                 "(KTO's mismatched pairs): use reference=auto or live, or lora=true"
+            )
+        if "kl_logps" in obj.inputs and self.batch_size < 2:
+            # The KL baseline pairs prompt i with the completion of example i-1 of the same micro-batch; with
+            # one example that is its own completion and z0 collapses to max(0, ρ_i). TRL refuses it too.
+            raise ValueError(
+                f"objective '{obj.name}' estimates its KL baseline from mismatched pairs within a micro-batch: "
+                f"batch_size must be at least 2 (got {self.batch_size}); use grad_accum for a small memory footprint"
             )
         if self.reference == "none" and obj.needs_reference:
             raise ValueError(f"objective '{obj.name}' needs a reference model; reference=none is not allowed")

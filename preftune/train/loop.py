@@ -13,7 +13,7 @@ from preftune.train import checkpoint as ckpt
 from preftune.train.config import TrainConfig
 from preftune.train.inputs import provide_inputs
 from preftune.train.outputs import MetricsLogger, plot_metrics
-from preftune.train.trainer import lr_lambda, now, steps_for
+from preftune.train.trainer import make_optimizer, now, steps_for
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -33,12 +33,31 @@ def setup_models(cfg: TrainConfig, model):
         torch.manual_seed(cfg.seed)
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                                 target_modules=cfg.lora_target))
-        return model, None
+        return _checkpointed(cfg, model), None
     if cfg.resolved_reference() == "live":
         from preftune.model import frozen_reference_copy
 
-        return model, frozen_reference_copy(model)
-    return model, None
+        # The copy is taken first so that the frozen reference (no gradients) is never checkpointed.
+        ref = frozen_reference_copy(model)
+        return _checkpointed(cfg, model), ref
+    return _checkpointed(cfg, model), None
+
+
+def _checkpointed(cfg: TrainConfig, model):
+    if not cfg.gradient_checkpointing:
+        return model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(base).__name__} does not support activation checkpointing")
+    # Non-reentrant: works with frozen inputs (LoRA) and with the engine's no-grad reference passes.
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24: every_n_layers
+        base.activation_checkpointing_enable(kwargs, every_n_layers=cfg.checkpoint_every_n_layers)
+    elif cfg.checkpoint_every_n_layers == 1:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError("checkpoint_every_n_layers > 1 needs transformers >= 5.24")
+    return model
 
 
 class Runner:
@@ -54,10 +73,7 @@ class Runner:
         self.step, self.history = 0, []
 
         policy.train()
-        params_to_train = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params_to_train, lr=cfg.learning_rate, betas=cfg.adam_betas,
-                                weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.total))
+        opt, sched = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], self.total)
         engine = LogProbEngine(policy, cfg.logits_chunk, prefix_sharing=cfg.prefix_sharing)
         self.engine, self.opt, self.sched = acc.prepare(engine, opt, sched)
         self.base_engine = acc.unwrap_model(self.engine)

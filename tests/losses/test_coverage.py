@@ -3,50 +3,52 @@ have an entry (a new objective without tests fails here).
 
 Kinds: golden (LOSSES.md Appendix A or a hand-derived value), parity (independent float64 formula,
 loss and gradients, B = 1 and B = 7), property (limits, reductions, invariances), stability (finite
-loss and gradients at |Δ| ≈ 1e4 in float32), state (state_dict round trip / resume).
+loss and gradients at |Δ| ≈ 1e4 in float32), state (state_dict round trip / resume), trl (one loss
+evaluation through TRL 1.16's trainer on the same tiny models and batch equals preftune's,
+tests/losses/test_trl_parity*.py).
 
 Keep it a literal dict, one line per objective; several engineers append to it.
 """
 
 from preftune.losses import names
 
-KINDS = {"golden", "parity", "property", "stability", "state"}
+KINDS = {"golden", "parity", "property", "stability", "state", "trl"}
 
 COVERAGE = {
     # Part A — tests/losses/test_pairwise.py
-    "dpo": {"golden", "parity", "property", "stability"},
+    "dpo": {"golden", "parity", "property", "stability", "trl"},
     "cdpo": {"golden", "parity", "property", "stability"},
-    "rdpo": {"golden", "parity", "property", "stability"},
-    "ipo": {"golden", "parity", "stability"},
+    "rdpo": {"golden", "parity", "property", "stability", "trl"},
+    "ipo": {"golden", "parity", "stability", "trl"},
     "ipo_sum": {"golden", "parity", "stability"},
-    "hinge": {"golden", "parity", "stability"},
-    "dpo_nll": {"golden", "parity", "stability"},
+    "hinge": {"golden", "parity", "stability", "trl"},
+    "dpo_nll": {"golden", "parity", "stability", "trl"},
     "rpo_liu2024": {"parity", "property", "stability"},
-    "fdpo_forward_kl": {"golden", "parity", "property", "stability"},
-    "fdpo_js": {"golden", "parity", "stability"},
-    "fdpo_alpha": {"golden", "parity", "property", "stability"},
-    "exo_pair": {"golden", "parity", "property", "stability"},
-    "nca_pair": {"golden", "parity", "stability"},
-    "bco_pair": {"golden", "parity", "property", "stability", "state"},
-    "apo_zero": {"golden", "parity", "property", "stability"},
-    "apo_down": {"golden", "parity", "stability"},
+    "fdpo_forward_kl": {"golden", "parity", "property", "stability", "trl"},
+    "fdpo_js": {"golden", "parity", "stability", "trl"},
+    "fdpo_alpha": {"golden", "parity", "property", "stability", "trl"},
+    "exo_pair": {"golden", "parity", "property", "stability", "trl"},
+    "nca_pair": {"golden", "parity", "stability", "trl"},
+    "bco_pair": {"golden", "parity", "property", "stability", "state", "trl"},
+    "apo_zero": {"golden", "parity", "property", "stability", "trl"},
+    "apo_down": {"golden", "parity", "stability", "trl"},
     "beta_dpo": {"parity", "property", "stability", "state"},
     "madpo": {"parity", "property", "stability"},
-    "ld_dpo": {"parity", "property", "stability"},
+    "ld_dpo": {"parity", "property", "stability", "trl"},
     "sem_dpo": {"parity", "property", "stability"},
     "adpo": {"parity", "property", "stability"},
-    "simpo": {"golden", "parity", "property", "stability"},
-    "orpo": {"golden", "parity", "stability"},
+    "simpo": {"golden", "parity", "property", "stability", "trl"},
+    "orpo": {"golden", "parity", "stability", "trl"},
     # Part B — tests/losses/test_reference_free.py
-    "cpo": {"golden", "parity", "property", "stability"},
+    "cpo": {"golden", "parity", "property", "stability", "trl"},
     "slic_hf": {"golden", "parity", "property", "stability"},
     "asft": {"golden", "parity", "stability"},
     "tpo": {"golden", "parity", "property", "stability"},
     "tpo_l": {"parity", "property", "stability"},
     # Part C — tests/losses/test_unpaired.py
-    "kto": {"golden", "parity", "property", "stability"},
+    "kto": {"golden", "parity", "property", "stability", "trl"},
     "bco": {"parity", "property", "stability", "state"},
-    "apo_zero_unpaired": {"parity", "property", "stability"},
+    "apo_zero_unpaired": {"parity", "property", "stability", "trl"},
     # Parts D–H (token, self-play, listwise, reward, diffusion): append below, one line per objective.
     # Part D — tests/losses/test_token.py
     "tdpo1": {"golden", "parity", "property", "stability"},
@@ -57,7 +59,7 @@ COVERAGE = {
     # Part E — tests/losses/test_selfplay.py
     "sppo": {"golden", "parity", "property", "stability"},
     "sppo_single": {"parity", "stability"},
-    "sppo_hard": {"golden", "parity", "property", "stability"},
+    "sppo_hard": {"golden", "parity", "property", "stability", "trl"},
     "dno": {"parity", "property", "stability"},
     "inpo": {"golden", "parity", "property", "stability"},
     # Part F — tests/losses/test_listwise.py
@@ -90,3 +92,14 @@ def test_coverage_entries_are_registered_and_well_formed():
     for name, kinds in COVERAGE.items():
         assert kinds and kinds <= KINDS, f"{name}: unknown test kinds {sorted(kinds - KINDS)}"
         assert kinds & {"golden", "parity"}, f"{name}: needs a golden value or a float64 parity test"
+
+
+def test_trl_kind_matches_the_trl_parity_tests():
+    """An objective marked "trl" is named in a TRL parity test, and one the parity tests name is marked."""
+    import re
+    from pathlib import Path
+
+    text = "".join(p.read_text(encoding="utf-8") for p in Path(__file__).parent.glob("test_trl_parity*.py"))
+    named = {n for n in names() if re.search(rf'"{re.escape(n)}"', text)}
+    marked = {n for n, kinds in COVERAGE.items() if "trl" in kinds}
+    assert marked == named, f"marked, untested: {sorted(marked - named)}; tested, unmarked: {sorted(named - marked)}"

@@ -92,6 +92,41 @@ def test_grad_accumulation_equals_big_batch(tiny_model_dir, pairs_file, tmp_path
         assert m1[k] == pytest.approx(m4[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, pairs_file, tmp_path, lora):
+    common = dict(length_grouping=False, max_grad_norm=None, lora=lora)
+    g0, m0 = _step_grads(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", **common))
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "b", gradient_checkpointing=True, **common)
+    runner = build_runner(cfg)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in runner.base_engine.model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    assert layers, "no decoder layer was switched to checkpointing"
+    # A checkpointed layer's forward runs twice per step (again in backward). The layer's own hooks stay
+    # outside the checkpoint, so count calls of a module inside it.
+    calls = []
+    inner = next(layers[0].children())
+    hooks = [inner.register_forward_hook(lambda *a: calls.append(1))]
+    captured, original = {}, runner.opt.step
+
+    def capture(*a, **k):
+        captured.update({n: p.grad.detach().clone() for n, p in runner.base_engine.model.named_parameters()
+                         if p.grad is not None})
+        return original(*a, **k)
+
+    runner.opt.step = capture
+    m1 = runner.train_step()
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 2
+    assert captured.keys() == g0.keys() and len(g0) > 0
+    for n in g0:
+        assert torch.allclose(captured[n], g0[n], atol=1e-6, rtol=1e-5), n
+    for k in ("loss", "logps/chosen", "grad_norm"):
+        assert m1[k] == pytest.approx(m0[k], rel=1e-6, abs=1e-7), k
+
+
 def test_resumed_run_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     from preftune.train import loop
 
