@@ -23,7 +23,9 @@ Configurations: ``trl_default`` (float32, live reference copy), ``trl_precompute
 log-probs precomputed before training), ``trl_precompute_bf16``, ``preftune_fp32``, ``preftune_bf16``
 (both with reference log-probs precomputed and cached, prefix sharing auto), ``preftune_fp32_ckpt`` and
 ``preftune_bf16_ckpt`` (the same with ``gradient_checkpointing``: each decoder layer's activations are
-recomputed in backward, so they trade about one extra forward for memory), ``trl_lora_precompute``
+recomputed in backward, so they trade about one extra forward for memory), ``..._compile`` (the same with
+``compile``: every decoder layer through torch.compile; its one-off compile falls in the warm-up steps),
+``trl_lora_precompute``
 and ``preftune_lora`` (LoRA r=16 on all linear layers, float32). Reference precomputation is not
 counted in the step time of either trainer.
 """
@@ -51,6 +53,9 @@ CONFIGS = [
     "preftune_bf16",
     "preftune_fp32_ckpt",
     "preftune_bf16_ckpt",
+    "preftune_fp32_compile",
+    "preftune_bf16_compile",
+    "preftune_bf16_ckpt_compile",
 ]
 LORA_CONFIGS = ["trl_lora_precompute", "preftune_lora"]
 LORA_R, LORA_ALPHA = 16, 32
@@ -182,7 +187,9 @@ def run_preftune(job: dict) -> dict:
         plot=False,
         save_model=False,
         prefix_sharing=job.get("prefix_sharing", "auto"),
-        gradient_checkpointing="ckpt" in cfg_name,
+        gradient_checkpointing="_ckpt" in cfg_name,
+        compile="_compile" in cfg_name,
+        logits_chunk=job.get("logits_chunk", 1024),
     )
     obj = cfg.objective()
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=True)
@@ -325,7 +332,7 @@ def table(rows: list[dict]) -> str:
             "preftune_fp32": "trl_precompute",
             "preftune_bf16": "trl_precompute_bf16",
             "preftune_lora": "trl_lora_precompute",
-        }.get(r["config"].removesuffix("_ckpt"))
+        }.get(r["config"].replace("_ckpt", "").replace("_compile", ""))
         vs_same = f"{trl[same]['step_s'] / r['step_s']:.2f}x" if same in trl else ""
         vs_best = (
             f"{trl['trl_precompute_bf16']['step_s'] / r['step_s']:.2f}x, "
@@ -377,6 +384,7 @@ def main() -> None:
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA configurations")
     ap.add_argument("--lora-shape", default="120/120", help="shape of the LoRA configurations")
     ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
+    ap.add_argument("--logits-chunk", type=int, default=1024, help="preftune: response positions per LM-head chunk")
     ap.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps (median reported)")
     ap.add_argument("--repeats", type=int, default=1, help="run the grid this many times, alternating the order")
@@ -430,6 +438,7 @@ def main() -> None:
                     "warmup": a.warmup,
                     "steps": a.steps,
                     "threads": a.threads,
+                    "logits_chunk": a.logits_chunk,
                 }
             )
     results: dict[tuple, list] = {}

@@ -121,6 +121,11 @@ class TrainConfig(RunConfig):
         description="keep only each decoder layer's input and recompute the layer in backward (transformers' "
         "activation checkpointing, non-reentrant): far less activation memory for about one extra forward",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer (inductor fuses the norm, rotary, activation and residual "
+        "element-wise work; one compile of ~10 s per new shape class, then reused by every layer)",
+    )
     checkpoint_every_n_layers: int = Field(
         1, ge=1, description="with gradient_checkpointing: recompute only every n-th decoder layer (memory/speed dial)"
     )

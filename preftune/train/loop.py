@@ -33,14 +33,29 @@ def setup_models(cfg: TrainConfig, model):
         torch.manual_seed(cfg.seed)
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                                 target_modules=cfg.lora_target))
-        return _checkpointed(cfg, model), None
+        return _compiled(cfg, _checkpointed(cfg, model)), None
     if cfg.resolved_reference() == "live":
         from preftune.model import frozen_reference_copy
 
         # The copy is taken first so that the frozen reference (no gradients) is never checkpointed.
         ref = frozen_reference_copy(model)
-        return _checkpointed(cfg, model), ref
-    return _checkpointed(cfg, model), None
+        return _compiled(cfg, _checkpointed(cfg, model)), ref
+    return _compiled(cfg, _checkpointed(cfg, model)), None
+
+
+def _compiled(cfg: TrainConfig, model):
+    """Compile every decoder layer in place. Layers, not the whole model: the backbone's mask and cache
+    code would break the graph, while the layers are identical, so one compiled graph serves all of them."""
+    if not cfg.compile:
+        return model
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"compile: found no decoder layers in {type(model).__name__}")
+    for layer in layers:
+        layer.compile()
+    return model
 
 
 def _checkpointed(cfg: TrainConfig, model):
