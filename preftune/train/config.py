@@ -124,7 +124,8 @@ class TrainConfig(RunConfig):
     compile: bool = Field(
         False,
         description="torch.compile each decoder layer (inductor fuses the norm, rotary, activation and residual "
-        "element-wise work; one compile of ~10 s per new shape class, then reused by every layer)",
+        "element-wise work; one compile of ~10 s per new shape class, then reused by every layer) and the LM "
+        "head's log-softmax and its gradient (one pass over each logits chunk instead of 4-6)",
     )
     checkpoint_every_n_layers: int = Field(
         1, ge=1, description="with gradient_checkpointing: recompute only every n-th decoder layer (memory/speed dial)"

@@ -89,7 +89,7 @@ class Runner:
 
         policy.train()
         opt, sched = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], self.total)
-        engine = LogProbEngine(policy, cfg.logits_chunk, prefix_sharing=cfg.prefix_sharing)
+        engine = LogProbEngine(policy, cfg.logits_chunk, prefix_sharing=cfg.prefix_sharing, fused_head=cfg.compile)
         self.engine, self.opt, self.sched = acc.prepare(engine, opt, sched)
         self.base_engine = acc.unwrap_model(self.engine)
         self.ref_model = ref_model.to(acc.device) if ref_model is not None else None

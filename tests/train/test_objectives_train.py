@@ -143,3 +143,39 @@ def test_triples_keep_trl_columns_and_pairs_stay_pairs(tmp_path):
             rec.responses[best_first[0]],
         ]
     assert len(load_records(write_triples_jsonl(tmp_path / "w.jsonl", n=2))[0].responses) == 3
+
+
+REWARD = [o.name for o in all_objectives() if o.trains == "reward_model"]
+
+
+def _reward_data(name: str, folder) -> tuple:
+    """Data of the reward objective's shape and the extra --set flags it needs."""
+    rows = [json.loads(x) for x in write_pairs_jsonl(folder / "pairs.jsonl", n=8).read_text().splitlines()]
+    extra: list[str] = []
+    if name == "rm_bt_margin":
+        rows = [r | {"margin": 1.0 + i % 3} for i, r in enumerate(rows)]
+    elif name == "rm_bt_scaled":
+        rows = [r | {"preference_strength": 1 + i % 3} for i, r in enumerate(rows)]
+    elif name == "rm_regression":  # HelpSteer2-style rated rows, one response each
+        rows = [{"prompt": r["prompt"], "response": r["chosen"], "helpfulness": i % 5} for i, r in enumerate(rows)]
+        extra = ["attributes=[helpfulness]"]
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, extra
+
+
+@pytest.mark.parametrize("name", REWARD)
+def test_two_step_reward_train_by_name(name, aux, tmp_path):
+    """Part G objectives train with `preftune reward train --loss NAME` (not `preftune train`)."""
+    data, extra = _reward_data(name, tmp_path)
+    out = tmp_path / "out"
+    args = ["reward", "train", "--model", str(aux["model"]), "--data", str(data), "--loss", name,
+            "--max-steps", "2", "--output", str(out)]
+    for kv in ("progress=false", "plot=false", "save_model=false", "batch_size=2", "max_length=64",
+               "max_prompt_length=32", "eval_fraction=0", *extra):
+        args += ["--set", kv]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows), rows
