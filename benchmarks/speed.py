@@ -25,6 +25,8 @@ log-probs precomputed before training), ``trl_precompute_bf16``, ``preftune_fp32
 ``preftune_bf16_ckpt`` (the same with ``gradient_checkpointing``: each decoder layer's activations are
 recomputed in backward, so they trade about one extra forward for memory), ``..._compile`` (the same with
 ``compile``: every decoder layer through torch.compile; its one-off compile falls in the warm-up steps),
+``..._eager`` (the policy loaded with ``attn_implementation="eager"``, so that inductor compiles the
+attention math too; TRL keeps transformers' default, sdpa),
 ``trl_lora_precompute``
 and ``preftune_lora`` (LoRA r=16 on all linear layers, float32). Reference precomputation is not
 counted in the step time of either trainer.
@@ -56,6 +58,7 @@ CONFIGS = [
     "preftune_fp32_compile",
     "preftune_bf16_compile",
     "preftune_bf16_ckpt_compile",
+    "preftune_bf16_compile_eager",
 ]
 LORA_CONFIGS = ["trl_lora_precompute", "preftune_lora"]
 LORA_R, LORA_ALPHA = 16, 32
@@ -76,12 +79,12 @@ def synthetic_batch(tokenizer, n: int, prompt_len: int, resp_len: int, seed: int
     ]
 
 
-def load(model_spec: str):
+def load(model_spec: str, attn_implementation: str | None = None):
     import torch
 
     from preftune.model import load_model
 
-    model, tok = load_model(model_spec, dtype="float32")
+    model, tok = load_model(model_spec, dtype="float32", attn_implementation=attn_implementation)
     return model.to(torch.float32), tok
 
 
@@ -161,7 +164,7 @@ def run_preftune(job: dict) -> dict:
     from preftune.train.config import TrainConfig
     from preftune.train.data_prep import TokenizedSet
 
-    model, tok = load(job["model"])
+    model, tok = load(job["model"], "eager" if "_eager" in job["config"] else None)
     rows = synthetic_batch(tok, job["batch"], job["prompt"], job["response"])
     examples = [
         TokenizedExample(r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]], index=i) for i, r in enumerate(rows)
@@ -332,7 +335,7 @@ def table(rows: list[dict]) -> str:
             "preftune_fp32": "trl_precompute",
             "preftune_bf16": "trl_precompute_bf16",
             "preftune_lora": "trl_lora_precompute",
-        }.get(r["config"].replace("_ckpt", "").replace("_compile", ""))
+        }.get(r["config"].replace("_ckpt", "").replace("_compile", "").replace("_eager", ""))
         vs_same = f"{trl[same]['step_s'] / r['step_s']:.2f}x" if same in trl else ""
         vs_best = (
             f"{trl['trl_precompute_bf16']['step_s'] / r['step_s']:.2f}x, "

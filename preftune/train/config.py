@@ -121,6 +121,11 @@ class TrainConfig(RunConfig):
         description="keep only each decoder layer's input and recompute the layer in backward (transformers' "
         "activation checkpointing, non-reentrant): far less activation memory for about one extra forward",
     )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None,
+        description="transformers attention implementation for the policy (default: transformers' choice, "
+        "sdpa); with compile on CPU, eager lets inductor fuse the attention math (faster, more memory)",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each decoder layer (inductor fuses the norm, rotary, activation and residual "

@@ -53,7 +53,7 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
     if model is None:
         from preftune.model import load_model
 
-        model, _ = load_model(cfg.model, dtype="float32")
+        model, _ = load_model(cfg.model, dtype="float32", attn_implementation=cfg.attn_implementation)
     policy, ref_model = loop.setup_models(cfg, model)
 
     # ---- output folder (the first write)

@@ -139,6 +139,13 @@ def test_compiled_layers_give_the_same_step(tiny_model_dir, pairs_file, tmp_path
         assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-6), k
 
 
+def test_attn_implementation_reaches_the_policy(tiny_model_dir, pairs_file, tmp_path):
+    runner = build_runner(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", attn_implementation="eager"))
+    assert runner.base_engine.model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        _cfg(tiny_model_dir, pairs_file, tmp_path / "b", attn_implementation="flash")
+
+
 def test_resumed_run_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     from preftune.train import loop
 
