@@ -18,6 +18,7 @@ whole computation runs through the wrapper's forward (gradient sync hooks stay c
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -291,15 +292,11 @@ def _head_grad(logits: Tensor, lse: Tensor, g: Tensor, tokens: Tensor, dtype: to
     return ((onehot.to(p.dtype) - p) * g[:, None].to(p.dtype)).to(dtype)
 
 
-_FUSED: dict[str, object] = {}
-
-
-def _fused(name: str):
-    """``_lse`` / ``_head_grad`` through torch.compile (one kernel each instead of 4–6 passes over the (C, V)
-    chunk); compiled on first use, dynamic in the chunk length."""
-    if name not in _FUSED:
-        _FUSED[name] = torch.compile({"lse": _lse, "grad": _head_grad}[name], dynamic=True)
-    return _FUSED[name]
+@functools.cache
+def _fused(fn):
+    """``fn`` (``_lse`` or ``_head_grad``) through torch.compile: one kernel instead of 4–6 passes over the
+    (C, V) chunk; compiled on first use, dynamic in the chunk length."""
+    return torch.compile(fn, dynamic=True)
 
 
 class _HeadLogps(torch.autograd.Function):
@@ -320,7 +317,7 @@ class _HeadLogps(torch.autograd.Function):
             bc = bias.to(dtype) if bias is not None else None
             logits = torch.nn.functional.linear(hc, wc, bc)  # (C, V) in the matmul dtype
             if fused:
-                lse = _fused("lse")(logits)
+                lse = _fused(_lse)(logits)
             else:
                 logits = _at_least_fp32(logits)
                 lse = logits.logsumexp(-1)  # (C,)
@@ -337,7 +334,7 @@ class _HeadLogps(torch.autograd.Function):
         with torch.autocast(hc.device.type, enabled=False):
             logits = torch.nn.functional.linear(hc, wc, bc)  # (C, V)
             if ctx.fused:
-                d = _fused("grad")(logits, lse, g, tokens, wc.dtype)
+                d = _fused(_head_grad)(logits, lse, g, tokens, wc.dtype)
             else:
                 logits = _at_least_fp32(logits)
                 g = g.to(logits.dtype)

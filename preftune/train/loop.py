@@ -27,20 +27,19 @@ def setup_models(cfg: TrainConfig, model):
     model with the adapter disabled. Full fine-tuning keeps a frozen copy only for a live reference."""
     if cfg.disable_dropout:
         disable_dropout(model)
+    ref = None
     if cfg.lora:
         from preftune.model import LoraSettings, apply_lora
 
         torch.manual_seed(cfg.seed)
         model = apply_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                                 target_modules=cfg.lora_target))
-        return _compiled(cfg, _checkpointed(cfg, model)), None
-    if cfg.resolved_reference() == "live":
+    elif cfg.resolved_reference() == "live":
         from preftune.model import frozen_reference_copy
 
-        # The copy is taken first so that the frozen reference (no gradients) is never checkpointed.
+        # The copy is taken before checkpointing and compiling, which are for the policy only.
         ref = frozen_reference_copy(model)
-        return _compiled(cfg, _checkpointed(cfg, model)), ref
-    return _compiled(cfg, _checkpointed(cfg, model)), None
+    return _compiled(cfg, _checkpointed(cfg, model)), ref
 
 
 def _compiled(cfg: TrainConfig, model):

@@ -35,29 +35,11 @@ def _rows():
     ]
 
 
-@pytest.fixture()
-def models():
-    policy, ref = tiny_model("llama", seed=0).eval(), tiny_model("llama", seed=1).eval()
-    return policy, ref, tiny_tokenizer()
-
-
-def _dpo_trainer(models, tmp_path, **cfg):
-    from datasets import Dataset
+def _dpo_trainer(models, trl_trainer, **cfg):
     from trl import DPOConfig, DPOTrainer
 
     policy, ref, tok = models
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        report_to=[],
-        use_cpu=True,
-        per_device_train_batch_size=B,
-        max_length=None,
-        bf16=False,  # TRL's configs default to bf16 autocast, on CPU too; parity is in float32
-        **cfg,
-    )
-    return DPOTrainer(
-        model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(_rows()), processing_class=tok
-    )
+    return trl_trainer(DPOTrainer, DPOConfig, _rows(), policy, tok, ref_model=ref, max_length=None, **cfg)
 
 
 def _trl_loss(trainer) -> float:
@@ -150,9 +132,9 @@ DPO_CASES = {
 @pytest.mark.parametrize(
     "case", list(DPO_CASES)
 )
-def test_dpo_trainer_parity(case, models, tmp_path):
+def test_dpo_trainer_parity(case, models, trl_trainer):
     cfg, name, params = DPO_CASES[case]
-    trainer = _dpo_trainer(models, tmp_path, **cfg)
+    trainer = _dpo_trainer(models, trl_trainer, **cfg)
     trl, ours = _trl_loss(trainer), _preftune_loss(trainer, models, name, **params)
     assert abs(trl - ours) <= TOL * max(1.0, abs(trl)), (case, trl, ours)
 
@@ -162,20 +144,14 @@ def test_dpo_trainer_parity(case, models, tmp_path):
 # BOS + prompt + response + EOS and ``chosen_labels`` masks the prompt with -100.
 
 
-def _legacy_trainer(kind: str, tmp_path, **cfg):
-    from datasets import Dataset
-
+def _legacy_trainer(kind: str, trl_trainer, **cfg):
     if kind == "cpo":
         from trl.experimental.cpo import CPOConfig as Config
         from trl.experimental.cpo import CPOTrainer as Trainer
     else:
         from trl.experimental.orpo import ORPOConfig as Config
         from trl.experimental.orpo import ORPOTrainer as Trainer
-    args = Config(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=B, **cfg
-    )
-    model = tiny_model("llama", seed=0).eval()
-    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(_rows()), processing_class=tiny_tokenizer())
+    return trl_trainer(Trainer, Config, _rows(), tiny_model("llama", seed=0).eval(), tiny_tokenizer(), **cfg)
 
 
 def _legacy_split(example: dict, side: str) -> tuple[list[int], list[int]]:
@@ -238,13 +214,13 @@ CPO_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CPO_CASES))
-def test_cpo_trainer_parity(case, tmp_path):
+def test_cpo_trainer_parity(case, trl_trainer):
     kind, cfg, name, params = CPO_CASES[case]
-    trl, _, ours, _ = _legacy_losses(_legacy_trainer(kind, tmp_path, **cfg), name, **params)
+    trl, _, ours, _ = _legacy_losses(_legacy_trainer(kind, trl_trainer, **cfg), name, **params)
     assert abs(trl - ours) <= TOL * max(1.0, abs(trl)), (case, trl, ours)
 
 
-def test_orpo_trainer_parity(tmp_path):
+def test_orpo_trainer_parity(trl_trainer):
     """ORPO: the odds-ratio term is equal; the NLL term differs by definition and is compared as such.
 
     The experimental ORPOTrainer's NLL is the token mean over prompt *and* response tokens of the chosen
@@ -252,7 +228,7 @@ def test_orpo_trainer_parity(tmp_path):
     ``orpo`` use the response tokens. So TRL's loss − TRL's NLL (= −λ·mean log σ(log-odds)) must equal
     preftune's loss − preftune's NLL, and the log-odds ratios must agree.
     """
-    trainer = _legacy_trainer("orpo", tmp_path, beta=0.1)
+    trainer = _legacy_trainer("orpo", trl_trainer, beta=0.1)
     trl, trl_m, ours, our_m = _legacy_losses(trainer, "orpo", beta=0.1)
     trl_or, our_or = trl - float(trl_m["nll_loss"]), ours - our_m["nll_loss"]
     assert abs(trl_or - our_or) <= TOL, (trl_or, our_or)

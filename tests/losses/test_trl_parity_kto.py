@@ -20,7 +20,7 @@ pytest.importorskip("trl")
 
 from preftune.losses import get  # noqa: E402
 from preftune.model.engine import LogProbEngine, pack, policy_stats, reference_stats, scatter_stats  # noqa: E402
-from preftune.testing import tiny_model, tiny_tokenizer  # noqa: E402
+from preftune.testing import tiny_model  # noqa: E402
 
 B = 5
 TOL = 1e-5
@@ -41,29 +41,11 @@ def _rows():
     ]
 
 
-@pytest.fixture()
-def models():
-    policy, ref = tiny_model("llama", seed=0).eval(), tiny_model("llama", seed=1).eval()
-    return policy, ref, tiny_tokenizer()
-
-
-def _kto_trainer(models, tmp_path, **cfg):
-    from datasets import Dataset
+def _kto_trainer(models, trl_trainer, **cfg):
     from trl import KTOConfig, KTOTrainer
 
     policy, ref, tok = models
-    args = KTOConfig(
-        output_dir=str(tmp_path),
-        report_to=[],
-        use_cpu=True,
-        per_device_train_batch_size=B,
-        max_length=None,
-        bf16=False,  # TRL's configs default to bf16 autocast, on CPU too; parity is in float32
-        **cfg,
-    )
-    return KTOTrainer(
-        model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(_rows()), processing_class=tok
-    )
+    return trl_trainer(KTOTrainer, KTOConfig, _rows(), policy, tok, ref_model=ref, max_length=None, **cfg)
 
 
 def _trl_loss(trainer):
@@ -145,9 +127,9 @@ KTO_CASES = {
 
 
 @pytest.mark.parametrize("case", list(KTO_CASES))
-def test_kto_trainer_parity(case, models, tmp_path):
+def test_kto_trainer_parity(case, models, trl_trainer):
     cfg, name, params = KTO_CASES[case]
-    trainer = _kto_trainer(models, tmp_path, **cfg)
+    trainer = _kto_trainer(models, trl_trainer, **cfg)
     trl, batch, metrics = _trl_loss(trainer)
     result = _preftune_loss(trainer, batch, models, name, **params)
     ours = float(result.losses.mean())

@@ -63,9 +63,12 @@ def test_bad_hyperparameter_is_a_clear_error(tiny_model_dir, pairs_file, tmp_pat
     assert res.exit_code == 2 and "no_such_key" in res.output
 
 
-def _step_grads(cfg, **kw):
-    """Gradients of the first optimizer step (captured just before the update) and its metrics."""
+def _step_grads(cfg, prepare=None, **kw):
+    """Gradients of the first optimizer step (captured just before the update) and its metrics.
+    ``prepare(runner)``, when given, runs before the step (to inspect the runner or hook its model)."""
     runner = build_runner(cfg, **kw)
+    if prepare is not None:
+        prepare(runner)
     captured = {}
     original = runner.opt.step
 
@@ -97,28 +100,19 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, pairs_file, 
     common = dict(length_grouping=False, max_grad_norm=None, lora=lora)
     g0, m0 = _step_grads(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", **common))
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "b", gradient_checkpointing=True, **common)
-    runner = build_runner(cfg)
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in runner.base_engine.model.modules()
-              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    assert layers, "no decoder layer was switched to checkpointing"
-    # A checkpointed layer's forward runs twice per step (again in backward). The layer's own hooks stay
-    # outside the checkpoint, so count calls of a module inside it.
     calls = []
-    inner = next(layers[0].children())
-    hooks = [inner.register_forward_hook(lambda *a: calls.append(1))]
-    captured, original = {}, runner.opt.step
 
-    def capture(*a, **k):
-        captured.update({n: p.grad.detach().clone() for n, p in runner.base_engine.model.named_parameters()
-                         if p.grad is not None})
-        return original(*a, **k)
+    def count_layer_runs(runner):
+        from transformers.modeling_layers import GradientCheckpointingLayer
 
-    runner.opt.step = capture
-    m1 = runner.train_step()
-    for h in hooks:
-        h.remove()
+        layers = [m for m in runner.base_engine.model.modules()
+                  if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        assert layers, "no decoder layer was switched to checkpointing"
+        # A checkpointed layer's forward runs twice per step (again in backward). The layer's own hooks stay
+        # outside the checkpoint, so count calls of a module inside it.
+        next(layers[0].children()).register_forward_hook(lambda *a: calls.append(1))
+
+    captured, m1 = _step_grads(cfg, prepare=count_layer_runs)
     assert len(calls) == 2
     assert captured.keys() == g0.keys() and len(g0) > 0
     for n in g0:
