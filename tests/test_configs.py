@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preftune.losses import get
-from preftune.losses.docs import policy_objectives, render_config
+from preftune.losses import all_objectives, get
+from preftune.tools.gen_docs import render_config
 from preftune.train.config import TrainConfig
 from preftune.train.inputs import required_config
 
@@ -17,10 +17,10 @@ POLICY_RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.startswi
 
 def test_one_recipe_per_policy_objective():
     have = {p.stem for p in POLICY_RECIPES}
-    want = {o.name for o in policy_objectives()}
+    want = {o.name for o in all_objectives("policy")}
     assert have == want, (
         f"missing {sorted(want - have)}, extra {sorted(have - want)}: "
-        "run `python -m preftune.losses.docs --configs configs/`"
+        "run `python -m preftune.tools.gen_docs --configs configs/`"
     )
 
 
@@ -34,5 +34,5 @@ def test_recipe_parses_into_train_config(path):
     cfg = TrainConfig.model_validate(raw)
     assert cfg.objective().resolve(cfg.loss_hyperparameters()) == get(path.stem).defaults()
     assert path.read_text(encoding="utf-8") == render_config(get(path.stem)), (
-        f"{path} is out of date: run `python -m preftune.losses.docs --configs configs/`"
+        f"{path} is out of date: run `python -m preftune.tools.gen_docs --configs configs/`"
     )

@@ -14,6 +14,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from preftune.tasks import word_count  # re-exported: the demo and tests read it from here
+
 
 @dataclass(frozen=True)
 class Rate:
@@ -81,11 +83,6 @@ def judge_generations(task, generations) -> list[list]:
         [task.judge(p, s.text, s.finished) for s in row]
         for p, row in zip(generations.prompts, generations.samples, strict=True)
     ]
-
-
-def word_count(text: str) -> int:
-    """Whitespace-separated pieces with at least one letter or digit ("—" and "-" are not words)."""
-    return sum(1 for w in text.split() if any(c.isalnum() for c in w))
 
 
 def evaluate_generations(task, generations, judgements=None) -> PolicyEval:

@@ -62,14 +62,6 @@ class PolicyStats:
     def rejected_logps(self) -> Tensor:
         return self.logps[:, 1]
 
-    @property
-    def chosen_lengths(self) -> Tensor:
-        return self.lengths[:, 0]
-
-    @property
-    def rejected_lengths(self) -> Tensor:
-        return self.lengths[:, 1]
-
     def to(self, dtype: torch.dtype) -> PolicyStats:
         """Cast floating tensors (losses are computed in float32 even under bf16 autocast)."""
         changes = {}

@@ -8,7 +8,7 @@ The registered entries ``diffusion_dpo`` and ``smpo_diffusion`` put them in the 
 ``policy.logps`` = −[e_θ^w, e_θ^l] and ``ref.logps`` = −[e_ref^w, e_ref^l] (B, 2): the negative error
 plays the log-likelihood's role (it is the ELBO surrogate up to the folded weighting constant), so
 Diffusion-DPO is DPO with β/2 on those slots. A text-model trainer must not offer them
-(``DIFFUSION_OBJECTIVES`` lists them); a diffusion trainer fills the slots with −MSEs.
+(``trains="diffusion"``: ``names(trains="diffusion")`` lists them); a diffusion trainer fills the slots with −MSEs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from preftune.losses.base import LossOutput, PolicyStats, RefStats
-from preftune.losses.functional import logsigmoid, require_pairs, require_ref
+from preftune.losses.functional import logsigmoid, loss_output, require_pairs, require_ref
 from preftune.losses.registry import Hyper, register
 
-DIFFUSION_OBJECTIVES = ("diffusion_dpo", "smpo_diffusion")
 DIFF_NOTE = (
     "[diffusion objective] policy.logps = −[MSE_θ(w), MSE_θ(l)] and ref.logps = −[MSE_ref(w), MSE_ref(l)] "
     "(per-sample mean denoising errors, same t and noise for both members of a pair); not for text models."
@@ -74,10 +73,6 @@ def smpo_diffusion(
     return -logsigmoid(-0.5 * beta * w * _inside(mse_w_theta, mse_w_ref, mse_l_theta, mse_l_ref))
 
 
-def _out(losses: Tensor, chosen: Tensor, rejected: Tensor) -> LossOutput:
-    return LossOutput(losses, chosen.detach(), rejected.detach(), {})
-
-
 def _errors(policy: PolicyStats, ref: RefStats | None, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     require_pairs(policy, name)
     ref = require_ref(ref, name)
@@ -104,7 +99,7 @@ def _diffusion_dpo_objective(policy: PolicyStats, ref: RefStats, beta: float = 5
     Normalisation: mean (MSE over latent elements).
     """
     ewt, ewr, elt, elr = _errors(policy, ref, "diffusion_dpo")
-    return _out(diffusion_dpo(ewt, ewr, elt, elr, beta), 0.5 * beta * (ewr - ewt), 0.5 * beta * (elr - elt))
+    return loss_output(diffusion_dpo(ewt, ewr, elt, elr, beta), 0.5 * beta * (ewr - ewt), 0.5 * beta * (elr - elt))
 
 
 @register(
@@ -133,4 +128,4 @@ def _smpo_diffusion_objective(
     ewt, ewr, elt, elr = _errors(policy, ref, "smpo_diffusion")
     p = policy.inputs["pref_prob"].to(ewt.dtype).reshape(-1)
     losses = smpo_diffusion(ewt, ewr, elt, elr, p, beta, scale)
-    return _out(losses, 0.5 * beta * (ewr - ewt), 0.5 * beta * (elr - elt))
+    return loss_output(losses, 0.5 * beta * (ewr - ewt), 0.5 * beta * (elr - elt))

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from preftune.losses.base import PolicyStats, RefStats
+from preftune.losses.base import LossOutput, PolicyStats, RefStats
 
 
 def logsigmoid(z: Tensor) -> Tensor:
-    """log σ(z) in the stable softplus form."""
-    return -F.softplus(-z)
+    """log σ(z) = min(z, 0) − log1p(e^{−|z|}), torch's stable kernel. Not −softplus(−z): softplus returns
+    its input past its threshold (20), so that form drops log1p(e^z) for z < −20 (2e-9 in float64)."""
+    return F.logsigmoid(z)
 
 
 def log1mexp(a: Tensor) -> Tensor:
@@ -34,6 +35,18 @@ def pair_margin(policy: PolicyStats, ref: RefStats | None, beta: float) -> tuple
     chosen = beta * rho[:, 0]
     rejected = beta * rho[:, 1]
     return chosen, rejected, chosen - rejected
+
+
+def loss_output(
+    losses: Tensor, chosen: Tensor | None, rejected: Tensor | None, **metrics: Tensor
+) -> LossOutput:
+    """The contract's return value: per-example losses, detached implicit rewards and metrics."""
+    return LossOutput(
+        losses,
+        None if chosen is None else chosen.detach(),
+        None if rejected is None else rejected.detach(),
+        {k: v.detach() for k, v in metrics.items()},
+    )
 
 
 def require_pairs(policy: PolicyStats, name: str) -> None:

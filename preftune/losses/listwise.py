@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from preftune.losses.base import LossOutput, PolicyStats, RefStats
-from preftune.losses.functional import logsigmoid, require_ref
+from preftune.losses.functional import logsigmoid, loss_output, require_ref
 from preftune.losses.registry import Hyper, register
 
 SCORES_NOTE = "inputs['scores'] (B,K): a score per response, higher is better; ragged lists via policy.valid."
@@ -72,10 +72,6 @@ def _best_worst(values: Tensor, scores: Tensor, valid: Tensor) -> tuple[Tensor, 
     return values.gather(-1, best).squeeze(-1), values.gather(-1, worst).squeeze(-1)
 
 
-def _out(losses: Tensor, chosen: Tensor, rejected: Tensor, **metrics: Tensor) -> LossOutput:
-    return LossOutput(losses, chosen.detach(), rejected.detach(), {k: v.detach() for k, v in metrics.items()})
-
-
 def _scores(policy: PolicyStats, valid: Tensor, name: str) -> Tensor:
     if "scores" not in policy.inputs:
         raise ValueError(f"objective '{name}' needs inputs['scores'] (B, K)")
@@ -88,7 +84,8 @@ def _scores(policy: PolicyStats, valid: Tensor, name: str) -> Tensor:
 
 @register(
     "pro",
-    summary="PRO: Plackett–Luce ranking loss over length-averaged log-probs (+ SFT on the best response)",
+    summary="PRO: ranking loss with reward-gap temperatures over length-averaged log-probs (+ SFT on the best "
+    "response)",
     paper="Preference Ranking Optimization for Human Alignment",
     arxiv="2306.17492",
     shape="listwise",
@@ -97,7 +94,9 @@ def _scores(policy: PolicyStats, valid: Tensor, name: str) -> Tensor:
     hyperparameters={
         "sft_weight": Hyper(0.05, 0.0, None, help="λ_sft; the term is λ·(n−1)²·(−ℓ_θ(y_1)) (HH script 0.05)"),
         "reward_temperature": Hyper(
-            False, help="use PRO's reward-gap temperatures T_k^j = r_k − r_j; false means T ≡ 1 (plain PL)"
+            True,
+            help="PRO's reward-gap temperatures T_k^j = r_k − r_j (the paper and its code); "
+            "false means T ≡ 1 (plain Plackett–Luce)",
         ),
     },
     inputs=("scores",),
@@ -107,16 +106,17 @@ def pro(
     policy: PolicyStats,
     ref: RefStats | None = None,
     sft_weight: float = 0.05,
-    reward_temperature: bool = False,
+    reward_temperature: bool = True,
 ) -> LossOutput:
     """PRO (Song et al. 2024, arXiv 2306.17492; DAMO-ConvAI ``PRO/train/utils/process_manager.py``).
 
     Rank the n valid responses by score, y_1 ≻ … ≻ y_n; s_k = ℓ̄_θ(y_k) (length-averaged log-prob).
     L = Σ_{k=1}^{n−1} −log[ exp(s_k·T_k^k) / Σ_{j≥k} exp(s_j·T_k^j) ] + λ_sft·(n−1)²·(−ℓ_θ(y_1)),
-    T ≡ 1 by default (the Plackett–Luce NLL of the ranking); with ``reward_temperature`` T_k^j = r_k − r_j
-    (j > k) and T_k^k = max_{j>k} T_k^j, as the paper. ℓ_θ(y_1) in the SFT term is the summed
-    log-prob of the top response. Computed with log-sum-exp (the reference code's raw exp overflows).
-    For n = 2, T ≡ 1: −log σ(s_1 − s_2). Shapes: (B, K) → (B,). Normalisation: mean (scores), sum (SFT).
+    with the paper's reward-gap temperatures T_k^j = r_k − r_j (j > k) and T_k^k = max_{j>k} T_k^j
+    (``reward_temperature``, the default); ``reward_temperature=False`` sets T ≡ 1, the Plackett–Luce NLL
+    of the ranking. ℓ_θ(y_1) in the SFT term is the summed log-prob of the top response. Computed with
+    log-sum-exp (the reference code's raw exp overflows). For n = 2, T ≡ 1: −log σ(s_1 − s_2).
+    Shapes: (B, K) → (B,). Normalisation: mean (scores), sum (SFT).
     """
     valid = valid_mask(policy)
     scores = _scores(policy, valid, "pro")
@@ -151,7 +151,7 @@ def pro(
     sft = -logps[:, 0]
     losses = rank_loss + sft_weight * (n - 1).clamp(min=0) ** 2 * sft
     best, worst = s[:, 0], s.gather(-1, (n.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return _out(losses, best, worst, rank_loss=rank_loss, sft_loss=sft)
+    return loss_output(losses, best, worst, rank_loss=rank_loss, sft_loss=sft)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def irpo_ranking(
     term = torch.where(has, w * logsigmoid(-lse), torch.zeros_like(lse))
     losses = -term.sum(-1) / n.clamp(min=1)
     chosen, rejected = _best_worst(r, rel, valid)
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def nca_k(policy: PolicyStats, ref: RefStats, beta: float = 0.01, temperature: f
     n = valid.sum(-1).to(r.dtype).clamp(min=1)
     losses = -(q * logsigmoid(r)).sum(-1) - _clean(logsigmoid(-r), valid).sum(-1) / n
     chosen, rejected = _best_worst(r, scores, valid)
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 @register(
@@ -288,7 +288,7 @@ def infonca_k(
     r = beta * (_clean(policy.logps, valid) - _clean(ref.logps.to(policy.logps.dtype), valid))
     losses = -(q * masked_log_softmax(r, valid)).sum(-1)
     chosen, rejected = _best_worst(r, scores, valid)
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 @register(
@@ -324,7 +324,7 @@ def exo_k(policy: PolicyStats, ref: RefStats, beta: float = 0.5, beta_r: float =
     p = _clean(logp.exp(), valid)
     losses = (p * (logp - logt)).sum(-1)
     chosen, rejected = _best_worst(beta * rho, scores, valid)
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def adpo_list(policy: PolicyStats, ref: RefStats, tau: float = 0.8, beta_r: floa
     rho = _clean(policy.logps, valid) - _clean(ref.logps.to(policy.logps.dtype), valid)
     losses = -(q * masked_log_softmax(rho / tau, valid)).sum(-1)
     chosen, rejected = _best_worst(rho / tau, scores, valid)
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from preftune.losses.base import LossOutput, PolicyStats, RefStats
-from preftune.losses.functional import log1mexp, logsigmoid, pair_margin
+from preftune.losses.functional import log1mexp, logsigmoid, loss_output, pair_margin
 from preftune.losses.registry import Hyper, register
 
 BETA = Hyper(
@@ -18,10 +18,6 @@ BETA = Hyper(
 EPS = Hyper(0.1, 0.0, 0.5, high_open=True, help="assumed label-flip probability ε")
 
 DPO_PAPER = "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
-
-
-def _out(losses: Tensor, chosen: Tensor, rejected: Tensor, **metrics: Tensor) -> LossOutput:
-    return LossOutput(losses, chosen.detach(), rejected.detach(), {k: v.detach() for k, v in metrics.items()})
 
 
 @register(
@@ -38,7 +34,7 @@ def dpo(policy: PolicyStats, ref: RefStats, beta: float = 0.1) -> LossOutput:
     Shapes: (B, 2) stats → (B,) losses. Normalisation: sum.
     """
     chosen, rejected, logits = pair_margin(policy, ref, beta)
-    return _out(-logsigmoid(logits), chosen, rejected)
+    return loss_output(-logsigmoid(logits), chosen, rejected)
 
 
 @register(
@@ -57,7 +53,7 @@ def cdpo(policy: PolicyStats, ref: RefStats, beta: float = 0.1, label_smoothing:
     chosen, rejected, logits = pair_margin(policy, ref, beta)
     eps = label_smoothing
     losses = -(1 - eps) * logsigmoid(logits) - eps * logsigmoid(-logits)
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 @register(
@@ -76,7 +72,7 @@ def rdpo(policy: PolicyStats, ref: RefStats, beta: float = 0.1, label_smoothing:
     chosen, rejected, logits = pair_margin(policy, ref, beta)
     eps = label_smoothing
     losses = (-(1 - eps) * logsigmoid(logits) + eps * logsigmoid(-logits)) / (1 - 2 * eps)
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 def _ipo(policy: PolicyStats, ref: RefStats, beta: float, normalise: bool) -> LossOutput:
@@ -85,7 +81,7 @@ def _ipo(policy: PolicyStats, ref: RefStats, beta: float, normalise: bool) -> Lo
         rho = rho / policy.lengths.clamp(min=1)
     delta = rho[:, 0] - rho[:, 1]
     losses = (delta - 1.0 / (2.0 * beta)) ** 2
-    return _out(losses, beta * rho[:, 0], beta * rho[:, 1])
+    return loss_output(losses, beta * rho[:, 0], beta * rho[:, 1])
 
 
 @register(
@@ -130,7 +126,7 @@ def hinge(policy: PolicyStats, ref: RefStats, beta: float = 0.1) -> LossOutput:
     Zero gradient once βΔ ≥ 1. Shapes: (B, 2) → (B,).
     """
     chosen, rejected, logits = pair_margin(policy, ref, beta)
-    return _out(torch.relu(1 - logits), chosen, rejected)
+    return loss_output(torch.relu(1 - logits), chosen, rejected)
 
 
 @register(
@@ -151,7 +147,7 @@ def dpo_nll(policy: PolicyStats, ref: RefStats, beta: float = 0.1, alpha: float 
     chosen, rejected, logits = pair_margin(policy, ref, beta)
     nll = policy.nll[:, 0]
     dpo_term = -logsigmoid(logits)
-    return _out(dpo_term + alpha * nll, chosen, rejected, nll_loss=nll, dpo_loss=dpo_term)
+    return loss_output(dpo_term + alpha * nll, chosen, rejected, nll_loss=nll, dpo_loss=dpo_term)
 
 
 @register(
@@ -187,7 +183,7 @@ def simpo(
     losses = -(1 - label_smoothing) * logsigmoid(logits) - label_smoothing * logsigmoid(-logits)
     if sft_weight:
         losses = losses + sft_weight * policy.nll[:, 0]
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 @register(
@@ -212,7 +208,7 @@ def orpo(policy: PolicyStats, ref: RefStats | None = None, beta: float = 0.1) ->
     or_loss = -logsigmoid(log_odds)
     nll = policy.nll[:, 0]
     losses = nll + beta * or_loss
-    return _out(
+    return loss_output(
         losses, beta * avg[:, 0], beta * avg[:, 1], nll_loss=nll, or_loss=or_loss, log_odds_ratio=log_odds
     )
 
@@ -276,7 +272,7 @@ def rpo_liu2024(
     chosen, rejected, logits = pair_margin(policy, ref, beta)
     sft = policy.nll[:, 0] if sft_normalisation == "mean" else -policy.logps[:, 0]
     dpo_term = -logsigmoid(logits)
-    return _out(dpo_term + eta * beta * sft, chosen, rejected, sft_loss=sft, dpo_loss=dpo_term)
+    return loss_output(dpo_term + eta * beta * sft, chosen, rejected, sft_loss=sft, dpo_loss=dpo_term)
 
 
 # --- f-DPO -----------------------------------------------------------------------------------------
@@ -290,7 +286,7 @@ def _fdpo(policy: PolicyStats, ref: RefStats, beta: float, score) -> LossOutput:
     rho = policy.logps - ref.logps  # (B, 2)
     psi = score(rho)  # (B, 2)
     logits = beta * (psi[:, 0] - psi[:, 1])
-    return _out(-logsigmoid(logits), beta * rho[:, 0], beta * rho[:, 1], score_margin=psi[:, 0] - psi[:, 1])
+    return loss_output(-logsigmoid(logits), beta * rho[:, 0], beta * rho[:, 1], score_margin=psi[:, 0] - psi[:, 1])
 
 
 def _neg_exp_clamped(x: Tensor) -> Tensor:
@@ -385,7 +381,7 @@ def exo_pair(
     losses = torch.sigmoid(z) * (logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
         logsigmoid(-z) - math.log(eps)
     )
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 @register(
@@ -402,7 +398,7 @@ def nca_pair(policy: PolicyStats, ref: RefStats, beta: float = 0.1) -> LossOutpu
     """
     chosen, rejected, _ = pair_margin(policy, ref, beta)
     losses = -logsigmoid(chosen) - 0.5 * logsigmoid(-chosen) - 0.5 * logsigmoid(-rejected)
-    return _out(losses, chosen, rejected)
+    return loss_output(losses, chosen, rejected)
 
 
 class RunningMean:
@@ -465,7 +461,7 @@ def bco_pair(
     else:
         delta = state.update(torch.cat([chosen, rejected]))
     losses = -logsigmoid(chosen - delta) - logsigmoid(-(rejected - delta))
-    return _out(losses, chosen, rejected, delta=delta)
+    return loss_output(losses, chosen, rejected, delta=delta)
 
 
 APO_PAPER = (
@@ -486,7 +482,7 @@ def apo_zero(policy: PolicyStats, ref: RefStats, beta: float = 0.1) -> LossOutpu
     L = [1 − σ(βρ_w)] + σ(βρ_l). Normalisation: sum. Shapes: (B, 2) → (B,).
     """
     chosen, rejected, _ = pair_margin(policy, ref, beta)
-    return _out(1 - torch.sigmoid(chosen) + torch.sigmoid(rejected), chosen, rejected)
+    return loss_output(1 - torch.sigmoid(chosen) + torch.sigmoid(rejected), chosen, rejected)
 
 
 @register(
@@ -502,7 +498,7 @@ def apo_down(policy: PolicyStats, ref: RefStats, beta: float = 0.1) -> LossOutpu
     L = σ(βρ_w) + [1 − σ(βΔ)]. Normalisation: sum. Shapes: (B, 2) → (B,).
     """
     chosen, rejected, logits = pair_margin(policy, ref, beta)
-    return _out(torch.sigmoid(chosen) + 1 - torch.sigmoid(logits), chosen, rejected)
+    return loss_output(torch.sigmoid(chosen) + 1 - torch.sigmoid(logits), chosen, rejected)
 
 
 # --- β-DPO ----------------------------------------------------------------------------------------
@@ -600,7 +596,7 @@ def beta_dpo(
     delta = rho[:, 0] - rho[:, 1]
     chosen, rejected = beta * rho[:, 0], beta * rho[:, 1]
     if state is None:
-        return _out(-logsigmoid(beta * delta), chosen, rejected)
+        return loss_output(-logsigmoid(beta * delta), chosen, rejected)
     gap, offset = _all_gather_flat(delta.detach())  # (N,)
     state.update(gap)
     n_all = gap.numel()
@@ -619,7 +615,7 @@ def beta_dpo(
     local_keep = keep[offset : offset + delta.numel()].to(delta.device)
     weight = local_keep.to(delta.dtype) * (n_all / n_keep)
     losses = weight * -logsigmoid(beta_b * delta)
-    return _out(
+    return loss_output(
         losses,
         chosen,
         rejected,
@@ -648,6 +644,7 @@ def madpo_weight(h: Tensor, w_max: float, w_min: float, scale: float) -> Tensor:
     paper="Margin Adaptive DPO: Leveraging Reward Model for Granular Control in Preference Optimization",
     arxiv="2510.05342",
     inputs=("rm_margin",),
+    required_columns=("rm_margin",),
     hyperparameters={
         "beta": BETA,
         "w_max": Hyper(2.0, 1.0, None, help="weight at ĥ ≤ 0 (hardest pairs; also the cap for ĥ < 0)"),
@@ -675,7 +672,7 @@ def madpo(
     chosen, rejected, logits = pair_margin(policy, ref, beta)
     h = policy.inputs["rm_margin"].reshape(-1).to(logits.dtype)
     w = madpo_weight(h, w_max, w_min, margin_scale).detach()
-    return _out(w * -logsigmoid(logits), chosen, rejected, weight=w)
+    return loss_output(w * -logsigmoid(logits), chosen, rejected, weight=w)
 
 
 # --- LD-DPO ---------------------------------------------------------------------------------------
@@ -727,7 +724,7 @@ def ld_dpo(policy: PolicyStats, ref: RefStats, beta: float = 0.1, alpha: float =
     rf = ld_logps(ref.token_logps, policy.token_mask, alpha)
     rho = pol - rf  # (B, 2)
     chosen, rejected = beta * rho[:, 0], beta * rho[:, 1]
-    return _out(-logsigmoid(chosen - rejected), chosen, rejected)
+    return loss_output(-logsigmoid(chosen - rejected), chosen, rejected)
 
 
 # --- Sem-DPO and ADPO -----------------------------------------------------------------------------
@@ -739,6 +736,7 @@ def ld_dpo(policy: PolicyStats, ref: RefStats, beta: float = 0.1, alpha: float =
     paper="Sem-DPO: Mitigating Semantic Inconsistency in Preference Optimization for Prompt Engineering",
     arxiv="2507.20133",
     inputs=("semantic_distance",),
+    required_columns=("semantic_distance",),
     hyperparameters={
         "beta": BETA,
         "alpha": Hyper(1.0, 0.0, None, help="α: strength of the semantic-drift penalty [UNVERIFIED default]"),
@@ -755,7 +753,7 @@ def sem_dpo(policy: PolicyStats, ref: RefStats, beta: float = 0.1, alpha: float 
     chosen, rejected, logits = pair_margin(policy, ref, beta)
     d = policy.inputs["semantic_distance"].reshape(-1).to(logits.dtype)
     w = torch.exp(-alpha * d).detach()
-    return _out(w * -logsigmoid(logits), chosen, rejected, weight=w)
+    return loss_output(w * -logsigmoid(logits), chosen, rejected, weight=w)
 
 
 @register(
@@ -783,4 +781,4 @@ def adpo(policy: PolicyStats, ref: RefStats, tau: float = 10.0) -> LossOutput:
     q = policy.inputs.get("soft_label")
     q = torch.ones_like(z) if q is None else q.reshape(-1).to(z.dtype)
     losses = -(q * logsigmoid(z) + (1 - q) * logsigmoid(-z))
-    return _out(losses, a[:, 0], a[:, 1])
+    return loss_output(losses, a[:, 0], a[:, 1])

@@ -10,14 +10,10 @@ import torch
 from torch import Tensor
 
 from preftune.losses.base import LossOutput, PolicyStats, RefStats
-from preftune.losses.functional import log1mexp, logsigmoid
-from preftune.losses.registry import Hyper, register
+from preftune.losses.functional import log1mexp, logsigmoid, loss_output
+from preftune.losses.registry import TRIPLE_COLUMNS, Hyper, register
 
 BETA = Hyper(0.1, 0.0, None, low_open=True, help="inverse temperature β of the reference-free reward β·ℓ_θ")
-
-
-def _out(losses: Tensor, chosen: Tensor, rejected: Tensor, **metrics: Tensor) -> LossOutput:
-    return LossOutput(losses, chosen.detach(), rejected.detach(), {k: v.detach() for k, v in metrics.items()})
 
 
 def _smoothed_sigmoid(logits: Tensor, eps: float) -> Tensor:
@@ -55,7 +51,7 @@ def cpo(
     chosen, rejected = beta * policy.logps[:, 0], beta * policy.logps[:, 1]
     pref = _smoothed_sigmoid(chosen - rejected, label_smoothing)
     nll = policy.nll[:, 0]
-    return _out(pref + cpo_alpha * nll, chosen, rejected, nll_loss=nll, pref_loss=pref)
+    return loss_output(pref + cpo_alpha * nll, chosen, rejected, nll_loss=nll, pref_loss=pref)
 
 
 @register(
@@ -82,7 +78,7 @@ def slic_hf(
     lw, ll = policy.logps[:, 0], policy.logps[:, 1]
     cal = torch.relu(delta - lw + ll)
     reg = -lw
-    return _out(cal + lambda_reg * reg, lw, ll, cal_loss=cal, reg_loss=reg)
+    return loss_output(cal + lambda_reg * reg, lw, ll, cal_loss=cal, reg_loss=reg)
 
 
 @register(
@@ -109,7 +105,7 @@ def asft(policy: PolicyStats, ref: RefStats | None = None, beta: float = 0.1) ->
     # ℓ̄ ≤ 0 by construction; the clamp keeps log1mexp finite when P̄(y_l) ≈ 1.
     align = -avg[:, 0] - log1mexp(avg[:, 1].clamp(max=-1e-6))
     nll = policy.nll[:, 0]
-    return _out(nll + beta * align, beta * avg[:, 0], beta * avg[:, 1], nll_loss=nll, align_loss=align)
+    return loss_output(nll + beta * align, beta * avg[:, 0], beta * avg[:, 1], nll_loss=nll, align_loss=align)
 
 
 TPO_PAPER = "Triple Preference Optimization: Achieving Better Alignment using a Single Step Optimization"
@@ -124,14 +120,14 @@ TPO_NOTES = (
 def _require_triple(policy: PolicyStats, name: str) -> None:
     if policy.num_responses != 3:
         raise ValueError(
-            f"objective '{name}' needs triples (K=3 responses: chosen, rejected, gold), "
+            f"objective '{name}' needs triples (K=3 responses: {', '.join(TRIPLE_COLUMNS)}), "
             f"got K={policy.num_responses}"
         )
 
 
 @register(
     "tpo",
-    columns=("chosen", "rejected", "gold"),
+    columns=TRIPLE_COLUMNS,
     summary="TPO: reference-free sigmoid on chosen vs rejected + α·NLL of a gold response",
     paper=TPO_PAPER,
     arxiv="2405.16681",
@@ -162,12 +158,12 @@ def tpo(
     chosen, rejected = beta * policy.logps[:, 0], beta * policy.logps[:, 1]
     pref = _smoothed_sigmoid(chosen - rejected, label_smoothing)
     nll = policy.nll[:, 2]
-    return _out(pref + alpha * nll, chosen, rejected, nll_loss=nll, pref_loss=pref)
+    return loss_output(pref + alpha * nll, chosen, rejected, nll_loss=nll, pref_loss=pref)
 
 
 @register(
     "tpo_l",
-    columns=("chosen", "rejected", "gold"),
+    columns=TRIPLE_COLUMNS,
     summary="TPO-L: length-normalised TPO with a target margin γ (SimPO-style contrast + gold NLL)",
     paper=TPO_PAPER,
     arxiv="2405.16681",
@@ -201,4 +197,4 @@ def tpo_l(
     chosen, rejected = beta * avg[:, 0], beta * avg[:, 1]
     pref = _smoothed_sigmoid(chosen - rejected - gamma, label_smoothing)
     nll = policy.nll[:, 2]
-    return _out(pref + alpha * nll, chosen, rejected, nll_loss=nll, pref_loss=pref)
+    return loss_output(pref + alpha * nll, chosen, rejected, nll_loss=nll, pref_loss=pref)

@@ -14,6 +14,8 @@ Normalisation = Literal["sum", "mean"]
 # What an objective trains: a causal-LM policy (`preftune train`), a reward model (`preftune reward
 # train`), or a diffusion denoiser (Python API only; `preftune train` refuses the last two).
 Trains = Literal["policy", "reward_model", "diffusion"]
+# TPO's response columns, in its grid order: a triple of preferred, dispreferred and gold responses.
+TRIPLE_COLUMNS = ("chosen", "rejected", "gold")
 
 
 @dataclass(frozen=True)
@@ -77,13 +79,41 @@ class Objective:
     trains: Trains = "policy"
     # Needs per-token log-probs of the policy AND the reference (B, K, T), not only sequence sums.
     token_level: bool = False
-    # Fixed meaning of the response columns when the objective has one (TPO: chosen, rejected, gold);
+    # Fixed meaning of the response columns when the objective has one (TPO: TRIPLE_COLUMNS);
     # empty means the shape's convention (pairs: chosen, rejected; lists: best first).
     columns: tuple[str, ...] = ()
+    # The inputs that only the data can give: one number per example in a column of that name
+    # (e.g. SPPO's win_probs). The rest of ``inputs`` is derived (labels, scores) or computed by a trainer.
+    required_columns: tuple[str, ...] = ()
 
     @property
     def needs_reference(self) -> bool:
         return self.reference != "none"
+
+    @property
+    def data_needs(self) -> str:
+        """What data the objective trains on, in one phrase (error messages, docs and recipes)."""
+        if self.trains == "diffusion":
+            return "preference pairs of images/audio scored by denoising errors (not text data)"
+        if self.columns == TRIPLE_COLUMNS:
+            return (
+                f"triples ({', '.join(TRIPLE_COLUMNS)}): prompt/chosen/rejected/reference rows, or lists of at "
+                "least 3 responses with scores or a ranking (gold = best, chosen = second, rejected = worst)"
+            )
+        if self.shape == "paired":
+            return (
+                "preference pairs: prompt/chosen/rejected rows, or lists with scores, a ranking or pairs "
+                "(pairs are derived by pair_strategy)"
+            )
+        if self.shape == "unpaired":
+            return (
+                "unpaired labelled responses: prompt/completion/label rows (pairs also work: chosen becomes "
+                "desirable, rejected undesirable)"
+            )
+        return (
+            f"ranked lists of at least {self.min_responses} responses per prompt: prompt/responses with "
+            "scores or a ranking"
+        )
 
     def defaults(self) -> dict[str, Any]:
         return {k: h.default for k, h in self.hyperparameters.items()}
@@ -124,15 +154,20 @@ def register(
     trains: Trains = "policy",
     token_level: bool | None = None,
     columns: tuple[str, ...] = (),
+    required_columns: tuple[str, ...] = (),
 ) -> Callable[[Callable], Callable]:
     """Decorator that adds a loss function to the registry under ``name``.
 
     ``token_level`` defaults to True for objectives with a live reference (their token KL is per token).
+    ``required_columns`` must be a subset of ``inputs`` (the objective reads them from there).
     """
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"objective '{name}' registered twice")
+        stray = sorted(set(required_columns) - set(inputs))
+        if stray:
+            raise ValueError(f"objective '{name}': required_columns {stray} are not among its inputs")
         _REGISTRY[name] = Objective(
             name=name,
             fn=fn,
@@ -150,6 +185,7 @@ def register(
             trains=trains,
             token_level=reference == "live_logits" if token_level is None else token_level,
             columns=tuple(columns),
+            required_columns=tuple(required_columns),
         )
         return fn
 
@@ -182,11 +218,17 @@ def get(name: str) -> Objective:
         raise KeyError(f"unknown objective '{name}'.{hint} Run `preftune losses` for the list.") from None
 
 
-def names() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+def names(trains: Trains | None = None) -> list[str]:
+    """Every objective's name, sorted; with ``trains``, only those that train that kind of model."""
+    return [o.name for o in all_objectives(trains)]
 
 
-def all_objectives() -> list[Objective]:
+def all_objectives(trains: Trains | None = None) -> list[Objective]:
     _load_all()
-    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+    return [_REGISTRY[n] for n in sorted(_REGISTRY) if trains is None or _REGISTRY[n].trains == trains]
+
+
+def choices_text(trains: Trains) -> str:
+    """The names of the objectives that train ``trains``, as help text: "a, b or c"."""
+    found = names(trains)
+    return found[0] if len(found) == 1 else ", ".join(found[:-1]) + " or " + found[-1]

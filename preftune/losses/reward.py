@@ -6,7 +6,7 @@ These act on **reward-model outputs**, not policy log-probs. The plain functions
 reward-model trainer calls. The registered ``rm_*`` entries wrap them in the loss contract so the registry
 documents and tests them: there the ``policy.logps`` slot carries the scalar rewards r_φ(x, y) (B, K) —
 not log-probabilities — and no reference is used. A policy trainer must not offer them
-(``REWARD_MODEL_OBJECTIVES`` lists them).
+(they are registered with ``trains="reward_model"``: ``names(trains="reward_model")`` lists them).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from preftune.losses.base import LossOutput, PolicyStats, RefStats
-from preftune.losses.functional import logsigmoid, require_pairs
+from preftune.losses.functional import logsigmoid, loss_output, require_pairs
 from preftune.losses.registry import Hyper, register
 
-REWARD_MODEL_OBJECTIVES = ("rm_bt", "rm_bt_margin", "rm_bt_scaled", "rm_regression", "rm_gpm")
 RM_NOTE = "[reward-model objective] policy.logps carries reward-model outputs r_φ(x,y), not log-probs."
 CENTER = Hyper(
     0.0, 0.0, None, help="c: reward-centering coefficient on (r_c + r_r)² (recommended 0.01 when used)"
@@ -128,15 +127,6 @@ def lsc_transform(r: Tensor, r_ref: Tensor) -> Tensor:
 # Registered wrappers (the policy.logps slot holds rewards)
 
 
-def _out(losses: Tensor, chosen: Tensor | None, rejected: Tensor | None, **metrics: Tensor) -> LossOutput:
-    return LossOutput(
-        losses,
-        None if chosen is None else chosen.detach(),
-        None if rejected is None else rejected.detach(),
-        {k: v.detach() for k, v in metrics.items()},
-    )
-
-
 BT_PAPER = "Training language models to follow instructions with human feedback (InstructGPT)"
 
 
@@ -160,7 +150,7 @@ def rm_bt(
     require_pairs(policy, "rm_bt")
     r = policy.logps
     losses = bt_reward_loss(r[:, 0], r[:, 1], None, center_rewards_coefficient)
-    return _out(losses, r[:, 0], r[:, 1])
+    return loss_output(losses, r[:, 0], r[:, 1])
 
 
 @register(
@@ -172,6 +162,7 @@ def rm_bt(
     reference="none",
     hyperparameters={"center_rewards_coefficient": CENTER},
     inputs=("margin",),
+    required_columns=("margin",),
     notes=RM_NOTE + " inputs['margin'] (B,): margin in reward units (e.g. from Likert preference strength).",
 )
 def rm_bt_margin(
@@ -185,7 +176,7 @@ def rm_bt_margin(
     r = policy.logps
     m = policy.inputs["margin"].to(r.dtype).reshape(-1)
     losses = bt_reward_loss(r[:, 0], r[:, 1], m, center_rewards_coefficient)
-    return _out(losses, r[:, 0], r[:, 1])
+    return loss_output(losses, r[:, 0], r[:, 1])
 
 
 @register(
@@ -196,6 +187,7 @@ def rm_bt_margin(
     trains="reward_model",
     reference="none",
     inputs=("preference_strength",),
+    required_columns=("preference_strength",),
     notes=RM_NOTE
     + " inputs['preference_strength'] (B,): m ∈ {−3..3}; the data layer orders chosen/rejected by "
     "sign(m) (m = 0 pairs then contribute zero).",
@@ -205,7 +197,7 @@ def rm_bt_scaled(policy: PolicyStats, ref: RefStats | None = None) -> LossOutput
     require_pairs(policy, "rm_bt_scaled")
     r = policy.logps
     m = policy.inputs["preference_strength"].to(r.dtype).reshape(-1)
-    return _out(scaled_bt_loss(r[:, 0], r[:, 1], m), r[:, 0], r[:, 1])
+    return loss_output(scaled_bt_loss(r[:, 0], r[:, 1], m), r[:, 0], r[:, 1])
 
 
 @register(
@@ -228,7 +220,7 @@ def rm_regression(policy: PolicyStats, ref: RefStats | None = None) -> LossOutpu
     """
     mask = policy.valid if policy.valid is not None else torch.ones_like(policy.logps, dtype=torch.bool)
     losses = regression_loss(policy.logps, policy.inputs["targets"], mask)
-    return _out(losses, None, None)
+    return loss_output(losses, None, None)
 
 
 @register(
@@ -262,4 +254,4 @@ def rm_gpm(
     losses = gpm_loss(v[:, 0], v[:, 1], tau, margin, lam, normalize)
     vc, vr = (F.normalize(v[:, 0], dim=-1), F.normalize(v[:, 1], dim=-1)) if normalize else (v[:, 0], v[:, 1])
     s = gpm_score(vc, vr, lam)
-    return _out(losses, None, None, preference_score=s, **{"rewards/accuracies": (s > 0).to(s.dtype)})
+    return loss_output(losses, None, None, preference_score=s, **{"rewards/accuracies": (s > 0).to(s.dtype)})

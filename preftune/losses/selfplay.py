@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from preftune.losses.base import LossOutput, PolicyStats, RefStats
-from preftune.losses.functional import logsigmoid, pair_margin, require_pairs, require_ref
+from preftune.losses.functional import logsigmoid, loss_output, pair_margin, require_pairs, require_ref
 from preftune.losses.registry import Hyper, register
 
 SPPO_PAPER = "Self-Play Preference Optimization for Language Model Alignment (Alg. 1, Eq. 4.7)"
@@ -19,10 +19,6 @@ SPPO_BETA = Hyper(
     0.001, 0.0, None, low_open=True, help="β = 1/η: an inverse step size (paper 1e-3), not DPO's KL weight"
 )
 PREV_NOTE = "The reference slot carries the previous iterate π_t (refreshed every iteration)."
-
-
-def _out(losses: Tensor, chosen: Tensor, rejected: Tensor, **metrics: Tensor) -> LossOutput:
-    return LossOutput(losses, chosen.detach(), rejected.detach(), {k: v.detach() for k, v in metrics.items()})
 
 
 def _rho(policy: PolicyStats, ref: RefStats | None, name: str) -> Tensor:
@@ -38,6 +34,7 @@ def _rho(policy: PolicyStats, ref: RefStats | None, name: str) -> Tensor:
     arxiv="2405.00675",
     hyperparameters={"beta": SPPO_BETA},
     inputs=("win_probs",),
+    required_columns=("win_probs",),
     notes=PREV_NOTE
     + " inputs['win_probs'] (B,2): P̂(y ≻ π_t) for chosen and rejected, P̂_i = (1/K)·Σ_j σ(s_i − s_j) "
     "over the K sampled responses (j = i included), from a pairwise preference model.",
@@ -52,7 +49,7 @@ def sppo(policy: PolicyStats, ref: RefStats, beta: float = 0.001) -> LossOutput:
     p = policy.inputs["win_probs"].to(rho.dtype)
     eta = 1.0 / beta
     losses = 0.5 * ((rho[:, 0] - eta * (p[:, 0] - 0.5)) ** 2 + (rho[:, 1] - eta * (p[:, 1] - 0.5)) ** 2)
-    return _out(losses, beta * rho[:, 0], beta * rho[:, 1])
+    return loss_output(losses, beta * rho[:, 0], beta * rho[:, 1])
 
 
 @register(
@@ -62,6 +59,7 @@ def sppo(policy: PolicyStats, ref: RefStats, beta: float = 0.001) -> LossOutput:
     arxiv="2405.00675",
     hyperparameters={"beta": SPPO_BETA},
     inputs=("pair_win_prob",),
+    required_columns=("pair_win_prob",),
     notes=PREV_NOTE + " inputs['pair_win_prob'] (B,): P(y_w ≻ y_l) from the preference model.",
 )
 def sppo_single(policy: PolicyStats, ref: RefStats, beta: float = 0.001) -> LossOutput:
@@ -74,7 +72,7 @@ def sppo_single(policy: PolicyStats, ref: RefStats, beta: float = 0.001) -> Loss
     p = policy.inputs["pair_win_prob"].to(rho.dtype).reshape(-1)
     eta = 1.0 / beta
     losses = 0.5 * ((rho[:, 0] - eta * (p - 0.5)) ** 2 + (rho[:, 1] + eta * (p - 0.5)) ** 2)
-    return _out(losses, beta * rho[:, 0], beta * rho[:, 1])
+    return loss_output(losses, beta * rho[:, 0], beta * rho[:, 1])
 
 
 @register(
@@ -93,7 +91,7 @@ def sppo_hard(policy: PolicyStats, ref: RefStats, beta: float = 0.1) -> LossOutp
     rho = _rho(policy, ref, "sppo_hard")
     half_eta = 0.5 / beta
     losses = (rho[:, 0] - half_eta) ** 2 + (rho[:, 1] + half_eta) ** 2
-    return _out(losses, beta * rho[:, 0], beta * rho[:, 1])
+    return loss_output(losses, beta * rho[:, 0], beta * rho[:, 1])
 
 
 @register(
@@ -115,7 +113,7 @@ def dno(policy: PolicyStats, ref: RefStats, beta: float = 0.1) -> LossOutput:
     """
     require_pairs(policy, "dno")
     chosen, rejected, logits = pair_margin(policy, require_ref(ref, "dno"), beta)
-    return _out(-logsigmoid(logits), chosen, rejected)
+    return loss_output(-logsigmoid(logits), chosen, rejected)
 
 
 @register(
@@ -159,4 +157,4 @@ def inpo(policy: PolicyStats, ref: RefStats, tau: float = 0.01, eta: float = 0.1
     losses = (h - 1.0 / (2.0 * eta)) ** 2
     # Logged rewards: η·h_i per response, the win-rate term P(y ≻ π_t) implied by the OMD update.
     h_i = policy.logps - (tau / eta) * ref.logps - ((eta - tau) / eta) * prev  # (B, 2)
-    return _out(losses, eta * h_i[:, 0], eta * h_i[:, 1], h=h)
+    return loss_output(losses, eta * h_i[:, 0], eta * h_i[:, 1], h=h)

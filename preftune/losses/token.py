@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from preftune.losses.base import LossOutput, PolicyStats, RefStats
-from preftune.losses.functional import logsigmoid, require_pairs, require_ref
+from preftune.losses.functional import logsigmoid, loss_output, require_pairs, require_ref
 from preftune.losses.registry import Hyper, register
 
 BETA = Hyper(
@@ -24,15 +24,6 @@ TOKEN_NOTE = (
     "needs per-token statistics: policy.token_logps and policy.token_mask (B,K,T) and ref.token_logps (B,K,T)"
 )
 KL_NOTE = "needs policy.token_kl (B,K,T) = KL_t(π_ref‖π_θ) over the full vocabulary and policy.token_mask"
-
-
-def _out(losses: Tensor, chosen: Tensor | None, rejected: Tensor | None, **metrics: Tensor) -> LossOutput:
-    return LossOutput(
-        losses,
-        None if chosen is None else chosen.detach(),
-        None if rejected is None else rejected.detach(),
-        {k: v.detach() for k, v in metrics.items()},
-    )
 
 
 def _mask(policy: PolicyStats, name: str) -> Tensor:
@@ -77,7 +68,7 @@ def _tdpo(policy: PolicyStats, ref: RefStats, beta: float, alpha: float | None, 
     logits = beta * (u - delta)
     losses = -logsigmoid(logits)
     chosen, rejected = beta * (rho[:, 0] + kl[:, 0]), beta * (rho[:, 1] + kl[:, 1])
-    return _out(losses, chosen, rejected, **{"seq_kl/chosen": kl[:, 0], "seq_kl/rejected": kl[:, 1]})
+    return loss_output(losses, chosen, rejected, **{"seq_kl/chosen": kl[:, 0], "seq_kl/rejected": kl[:, 1]})
 
 
 TDPO_PAPER = "Token-level Direct Preference Optimization"
@@ -196,7 +187,7 @@ def sparsepo(
     d = wkl[:, 0] - wkl[:, 1]
     losses = -logsigmoid(beta * (u - d)) + penalty
     chosen, rejected = beta * (reward[:, 0] + wkl[:, 0]), beta * (reward[:, 1] + wkl[:, 1])
-    return _out(losses, chosen, rejected, **metrics)
+    return loss_output(losses, chosen, rejected, **metrics)
 
 
 @register(
@@ -245,7 +236,7 @@ def tgdpo(
         nll = -_tsum(policy.token_logps[:, 0], mask[:, 0]) / mask[:, 0].sum(-1).clamp(min=1)
         losses = losses + sft_weight * nll
         metrics["nll_loss"] = nll
-    return _out(losses, chosen, rejected, **metrics)
+    return loss_output(losses, chosen, rejected, **metrics)
 
 
 def _future_sum(x: Tensor) -> Tensor:
@@ -319,7 +310,7 @@ def oreo(policy: PolicyStats, ref: RefStats, beta: float = 0.03, kl_coef: float 
     n = valid.sum(-1).clamp(min=1)
     losses = per_traj.sum(-1) / n
     seq_rho = _tsum(rho_t, mask)
-    return _out(
+    return loss_output(
         losses,
         None,
         None,

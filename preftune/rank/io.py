@@ -79,11 +79,6 @@ class PreferenceData:
         return len(self.names)
 
 
-def empty_comparisons() -> Comparisons:
-    z = np.zeros(0, dtype=np.int64)
-    return Comparisons(z, z.copy(), np.zeros(0), np.zeros(0), z.copy())
-
-
 def rankings_from_lists(lists: list[list[int]], weights: list[float] | np.ndarray | None = None) -> Rankings:
     """Pad a list of index lists (best first) into a ``Rankings``; weights default to 1."""
     n = len(lists)

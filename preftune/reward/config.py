@@ -13,9 +13,12 @@ from pydantic import Field, field_validator, model_validator
 
 from preftune.train.config import RunConfig
 
-RewardObjective = Literal["rm_bt", "rm_bt_margin", "rm_bt_scaled", "rm_regression", "rm_gpm"]
-# Per-pair columns each objective reads from the data (numeric columns of a paired row).
-REQUIRED_COLUMNS = {"rm_bt_margin": ("margin",), "rm_bt_scaled": ("preference_strength",)}
+
+def loss_help() -> str:
+    """Help text of the ``loss`` option, naming the registry's reward-model objectives (loads the registry)."""
+    from preftune.losses import choices_text
+
+    return f"{choices_text('reward_model')} (see `preftune losses`)"
 
 
 class RewardConfig(RunConfig):
@@ -38,11 +41,9 @@ class RewardConfig(RunConfig):
     )
 
     # --- objective
-    loss: RewardObjective = Field(
+    loss: str = Field(
         "rm_bt",
-        description="rm_bt (Bradley–Terry), rm_bt_margin (BT minus a per-pair 'margin' column), rm_bt_scaled "
-        "(HelpSteer2-Preference: |preference_strength|·BT), rm_regression (ratings, one head per attribute), "
-        "rm_gpm (General Preference Model, 2k-dim skew-symmetric embeddings)",
+        description="reward-model objective: a `preftune losses` entry whose trains is reward_model",
     )
     center_rewards_coefficient: float | None = Field(
         None,
@@ -102,6 +103,15 @@ class RewardConfig(RunConfig):
         True,
         description="save the final model (output/model, loadable by AutoModelForSequenceClassification)",
     )
+
+    @field_validator("loss")
+    @classmethod
+    def _reward_objective(cls, v: str) -> str:
+        from preftune.losses import names
+
+        if v not in names(trains="reward_model"):
+            raise ValueError(f"{v!r} is not a reward-model objective; choose {loss_help()}")
+        return v
 
     @field_validator("attributes")
     @classmethod

@@ -13,7 +13,7 @@ import random
 from typing import Any
 
 from preftune.data import DataError, DataIssue, Example, PreferenceRecord
-from preftune.reward.config import REQUIRED_COLUMNS, RewardConfig
+from preftune.reward.config import RewardConfig
 
 
 def load_reward_examples(path: Any, cfg: RewardConfig, tokenizer, split=None, log=print) -> list[Example]:
@@ -34,7 +34,7 @@ def load_reward_examples(path: Any, cfg: RewardConfig, tokenizer, split=None, lo
     if issues:
         log(f"skipped {len(issues)} problem(s) in {path} (--skip-invalid); first: {issues[0]}")
     examples = data.derive_examples(records, "paired", pair_strategy=cfg.pair_strategy)
-    return _keep_inputs(examples, REQUIRED_COLUMNS.get(cfg.loss, ()), cfg.loss, cfg.skip_invalid, log)
+    return _keep_inputs(examples, cfg.objective().required_columns, cfg.loss, cfg.skip_invalid, log)
 
 
 def _keep_inputs(

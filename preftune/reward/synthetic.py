@@ -99,8 +99,7 @@ def word_limit_pairs(n: int = 160, seed: int = 0, heldout: bool = False) -> list
     Compliant: 3 … N words. Non-compliant: N+1 … N+8 words (60%), 2N … 3N words (25%) or 1–2 words
     (15%). The pair is kept only if the judge says the chosen response succeeds and the rejected fails.
     """
-    from preftune.tasks import get_task, prompt_text
-    from preftune.tasks.word_limit import TOPICS, limit_of
+    from preftune.tasks import get_task
 
     task = get_task("word_limit")
     rng = random.Random(seed)
@@ -108,8 +107,8 @@ def word_limit_pairs(n: int = 160, seed: int = 0, heldout: bool = False) -> list
     rng.shuffle(prompts)
     rows = []
     for prompt in prompts[:n]:
-        limit = limit_of(prompt)
-        topic = next((t for t in TOPICS if t in prompt_text(prompt)), "it")
+        limit = task.constraint_of(prompt)
+        topic = task.topic_of(prompt) or "it"
         good = _answer(topic, rng.randint(max(3, len(topic.split()) + 1), limit), rng)
         u = rng.random()
         bad_words = (

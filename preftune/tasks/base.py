@@ -5,6 +5,10 @@ prompts (``[{"role": "user", "content": ...}]``), split by topic so held-out pro
 and ``judge(prompt, response, finished=True)`` scores one response. The score is graded in [0, 1]
 (1 = success; failures get smaller values that order them, so best-vs-worst pairs carry signal);
 ``success`` is the boolean the demo reports as a rate.
+
+Code outside a task (synthetic data, judges) reaches it by name through ``get_task`` and this
+interface only: ``topics``/``topic_of`` for what a prompt is about, ``constraint_of`` for the
+per-prompt requirement the judge checks (``word_limit``: the word limit N).
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ class Task:
     train_prompts: Callable[[], list[Prompt]]
     heldout_prompts: Callable[[], list[Prompt]]
     judge: Callable[..., Judgement]
+    topics: tuple[str, ...] = ()  # every topic of the train and held-out prompts
+    constraint: Callable[[Prompt], Any] | None = None  # the per-prompt requirement the judge checks
+
+    def topic_of(self, prompt: Prompt | str) -> str | None:
+        """The first of ``topics`` that the prompt's text mentions (None when none does)."""
+        text = prompt_text(prompt)
+        return next((t for t in self.topics if t in text), None)
+
+    def constraint_of(self, prompt: Prompt | str) -> Any:
+        """The requirement the judge checks for this prompt (ValueError when the prompt states none)."""
+        if self.constraint is None:
+            raise ValueError(f"task {self.name!r} has no per-prompt constraint")
+        return self.constraint(prompt)
 
 
 _REGISTRY: dict[str, Task] = {}
@@ -63,6 +80,11 @@ def get_task(name: str) -> Task:
 def all_tasks() -> list[Task]:
     _load_builtins()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def word_count(text: str) -> int:
+    """Whitespace-separated pieces with at least one letter or digit ("—" and "-" are not words)."""
+    return sum(1 for w in text.split() if any(c.isalnum() for c in w))
 
 
 def prompt_text(prompt: Prompt | str) -> str:

@@ -219,7 +219,7 @@ def run_demo(config: DemoConfig | None = None, log=print) -> DemoResult:
 
 def _load(cfg: DemoConfig):
     if cfg.model == "tiny":
-        from preftune.testing import tiny_model, tiny_tokenizer
+        from preftune.model.tiny import tiny_model, tiny_tokenizer
 
         model, tok = tiny_model(seed=cfg.seed), tiny_tokenizer()
         model.generation_config.eos_token_id = tok.eos_token_id

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import re
 
-from preftune.eval.policy_eval import word_count
-from preftune.tasks.base import Judgement, Prompt, Task, prompt_text, register
+from preftune.tasks.base import Judgement, Prompt, Task, prompt_text, register, word_count
 
 MIN_WORDS = 3
 LIMITS = (10, 12, 15)
@@ -160,5 +159,7 @@ TASK = register(
         train_prompts=train_prompts,
         heldout_prompts=heldout_prompts,
         judge=judge,
+        topics=TOPICS,
+        constraint=limit_of,
     )
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from preftune.losses.docs import data_needs
+from preftune.losses import TRIPLE_COLUMNS
 from preftune.train.config import TrainConfig
 
 
@@ -33,22 +33,22 @@ def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=p
             chat_template=cfg.chat_template,
         )
     except data.DataError as e:  # say what the objective needs above the located problems
-        e.args = (f"objective '{obj.name}' needs {data_needs(obj)}.\n{e}",)
+        e.args = (f"objective '{obj.name}' needs {obj.data_needs}.\n{e}",)
         raise
     if issues:
         log(f"skipped {len(issues)} problem(s) in {path} (--skip-invalid); first: {issues[0]}")
     try:
-        if obj.columns == ("chosen", "rejected", "gold"):  # TPO triples: their own column order
+        if obj.columns == TRIPLE_COLUMNS:  # TPO triples: their own column order
             examples = data.to_triples(records)
         elif obj.shape == "listwise":
             examples = data.derive_examples(records, obj.shape)
         else:
             examples = data.derive_examples(records, obj.shape, pair_strategy=cfg.pair_strategy)
     except data.DataError as e:
-        e.args = (f"objective '{obj.name}' needs {data_needs(obj)}.\n{e}",)
+        e.args = (f"objective '{obj.name}' needs {obj.data_needs}.\n{e}",)
         raise
     if not examples:
-        raise ValueError(f"{path}: no usable examples for objective '{obj.name}', which needs {data_needs(obj)}")
+        raise ValueError(f"{path}: no usable examples for objective '{obj.name}', which needs {obj.data_needs}")
     check_inputs(examples, obj, path)
     return examples
 
@@ -62,13 +62,13 @@ def check_inputs(examples, obj, source: str) -> None:
     if missing:
         raise ValueError(
             f"{source}: objective '{obj.name}' needs the column(s) {', '.join(missing)} "
-            f"({data_needs(obj)}); found: {', '.join(sorted(data_keys)) or 'none'}"
+            f"({obj.data_needs}); found: {', '.join(sorted(data_keys)) or 'none'}"
         )
     if obj.shape == "listwise":
         too_few = [e for e in examples if len(e.responses) < obj.min_responses]
         if too_few:
             e = too_few[0]
-            raise ValueError(f"{e.source}:{e.line}: objective '{obj.name}' needs {data_needs(obj)}")
+            raise ValueError(f"{e.source}:{e.line}: objective '{obj.name}' needs {obj.data_needs}")
 
 
 def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) -> TokenizedSet:

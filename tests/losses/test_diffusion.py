@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from preftune.losses import PolicyStats, RefStats, get
-from preftune.losses.diffusion import DIFFUSION_OBJECTIVES, diffusion_dpo, smpo_diffusion, smpo_soft_label
+from preftune.losses import PolicyStats, RefStats, get, names
+from preftune.losses.diffusion import diffusion_dpo, smpo_diffusion, smpo_soft_label
 
 D = torch.float64
 
@@ -102,7 +102,8 @@ def test_extreme_float32(sign):
 
 
 def test_registry_declarations():
-    for n in DIFFUSION_OBJECTIVES:
+    assert names(trains="diffusion") == ["diffusion_dpo", "smpo_diffusion"]
+    for n in names(trains="diffusion"):
         o = get(n)
         assert o.reference == "logps" and o.shape == "paired" and "[diffusion objective]" in o.notes
     assert get("smpo_diffusion").inputs == ("pref_prob",)

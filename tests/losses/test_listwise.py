@@ -103,7 +103,7 @@ def ref_adpo(logps, rlogps, scores, tau, beta_r):
 
 
 REF = {
-    "pro": lambda lp, rl, ln, sc: ref_pro(lp, ln, sc, 0.05, False),
+    "pro": lambda lp, rl, ln, sc: ref_pro(lp, ln, sc, 0.05, True),  # the paper's temperatures (default)
     "irpo_ranking": lambda lp, rl, ln, sc: ref_irpo(lp, rl, sc, 1.0),
     "nca_k": lambda lp, rl, ln, sc: ref_nca(lp, rl, sc, 0.01, 1e-4),
     "infonca_k": lambda lp, rl, ln, sc: ref_infonca(lp, rl, sc, 0.01, 1e-4),
@@ -162,14 +162,15 @@ def test_parity_ragged_with_nan_in_masked_slots(name, B, K):
 
 
 @pytest.mark.parametrize("B,K", [(1, 3), (7, 5)])
-def test_parity_pro_reward_temperature(B, K):
+def test_parity_pro_plain_plackett_luce(B, K):
+    # reward_temperature=False (T ≡ 1): the Plackett–Luce NLL of the ranking, no longer the default.
     logps, ref, lengths, scores, valid = ragged(B, K, seed=77 + B)
     x = logps.clone().requires_grad_(True)
     out = run(
         "pro",
         PolicyStats(x, lengths, valid=valid, inputs={"scores": scores}),
         None,
-        reward_temperature=True,
+        reward_temperature=False,
         sft_weight=0.1,
     )
     out.losses.sum().backward()
@@ -179,7 +180,7 @@ def test_parity_pro_reward_temperature(B, K):
         idx = [i for i in range(K) if valid[b, i]]
         exp.append(
             ref_pro(
-                [x2[b, i] for i in idx], [lengths[b, i] for i in idx], [scores[b, i] for i in idx], 0.1, True
+                [x2[b, i] for i in idx], [lengths[b, i] for i in idx], [scores[b, i] for i in idx], 0.1, False
             )
         )
     exp = torch.stack(exp)
@@ -211,15 +212,15 @@ def test_irpo_explicit_positions_and_ablations():
 
 
 @pytest.mark.parametrize("B", [1, 7])
-def test_pro_two_responses_is_logsigmoid_of_avg_logp_gap(B):
+def test_pro_two_responses_without_temperatures_is_logsigmoid_of_avg_logp_gap(B):
     logps, _, lengths, scores, _ = ragged(B, 2, seed=B, garbage=False)
     p = PolicyStats(logps, lengths, inputs={"scores": scores})
-    out = run("pro", p, None, sft_weight=0.0).losses
+    out = run("pro", p, None, sft_weight=0.0, reward_temperature=False).losses
     s = logps / lengths
     best = scores.argmax(-1)
     s1, s2 = s.gather(-1, best[:, None])[:, 0], s.gather(-1, (1 - best)[:, None])[:, 0]
     torch.testing.assert_close(out, -lsig(s1 - s2), rtol=1e-12, atol=1e-12)
-    out_sft = run("pro", p, None, sft_weight=0.3).losses
+    out_sft = run("pro", p, None, sft_weight=0.3, reward_temperature=False).losses
     torch.testing.assert_close(out_sft, -lsig(s1 - s2) + 0.3 * (-logps.gather(-1, best[:, None])[:, 0]))
 
 
@@ -290,9 +291,11 @@ def test_extreme_log_ratios_float32(name, sign):
     valid = torch.tensor([[True, True, True, False]] * B)
     scores = torch.tensor([[3.0, 1.0, 2.0, 0.0]] * B)
     p = PolicyStats(lp, torch.full((B, K), 2.0), valid=valid, inputs={"scores": scores})
-    out = run(name, p, RefStats(ref), **({"reward_temperature": True} if name == "pro" else {}))
-    out.losses.sum().backward()
-    assert torch.isfinite(out.losses).all() and torch.isfinite(lp.grad).all()
+    for kwargs in [{}] + ([{"reward_temperature": False}] if name == "pro" else []):  # PRO: both forms
+        lp.grad = None
+        out = run(name, p, RefStats(ref), **kwargs)
+        out.losses.sum().backward()
+        assert torch.isfinite(out.losses).all() and torch.isfinite(lp.grad).all(), kwargs
 
 
 # ------------------------------------------------------------------------------------------ Curry-DPO

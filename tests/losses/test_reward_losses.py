@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from preftune.losses import PolicyStats, get
+from preftune.losses import PolicyStats, get, names
 from preftune.losses.reward import (
-    REWARD_MODEL_OBJECTIVES,
     bt_reward_loss,
     gpm_loss,
     gpm_score,
@@ -194,8 +193,11 @@ def test_extreme_reward_gaps_float32(sign):
 
 
 def test_registry_declarations():
-    for n in REWARD_MODEL_OBJECTIVES:
+    assert names(trains="reward_model") == ["rm_bt", "rm_bt_margin", "rm_bt_scaled", "rm_gpm", "rm_regression"]
+    for n in names(trains="reward_model"):
         o = get(n)
         assert o.reference == "none" and "[reward-model objective]" in o.notes
+    assert get("rm_bt_margin").required_columns == ("margin",)
+    assert get("rm_bt_scaled").required_columns == ("preference_strength",)
     assert get("rm_regression").shape == "unpaired" and get("rm_regression").min_responses == 1
     assert get("rm_gpm").inputs == ("gpm_embeddings",)

@@ -75,3 +75,25 @@ def test_registry():
     assert task.judge is wl.judge and task in all_tasks()
     with pytest.raises(KeyError, match="word_limit"):
         get_task("nope")
+
+
+def test_task_interface_gives_topic_and_limit_without_the_module():
+    # Judges and synthetic data reach a task by name only: topic_of/constraint_of must agree with the
+    # exact topic each prompt was built from and with the limit the judge reads.
+    task = get_task("word_limit")
+    assert task.topics == wl.TOPICS
+    for p in wl.train_prompts() + wl.heldout_prompts():
+        assert task.topic_of(p) == _topic_of(p)
+        assert task.constraint_of(p) == wl.limit_of(p)
+    assert task.topic_of("Tell me about nothing in particular.") is None
+    with pytest.raises(ValueError, match="at most N words"):
+        task.constraint_of("Say hi.")
+
+
+def test_word_count_is_shared_by_the_judge_and_the_evaluation():
+    from preftune.eval.policy_eval import word_count as eval_word_count
+    from preftune.tasks import word_count
+
+    assert eval_word_count is word_count
+    assert word_count("Tea — a drink - from leaves !") == 5
+    assert wl.judge(P(10), "Tea — a drink - from leaves !").details["words"] == 5
