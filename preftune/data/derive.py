@@ -103,7 +103,7 @@ def record_pairs(
                 if len(scores) >= 2
                 else "no preference: only one response (merge rows that share a prompt with group_by_prompt)"
             )
-            return [], DataIssue(record.source, record.line, record.field_name(name), msg)
+            return [], DataIssue(record.source, record.line, record.field_name(name), msg, kind="shape")
         return PAIR_STRATEGIES[strategy](scores), None
     if record.num_responses == 2:
         return [(0, 1)], None
@@ -112,6 +112,7 @@ def record_pairs(
         record.line,
         "responses",
         f"no pairs, scores, ranking or labels to order {record.num_responses} responses",
+        kind="shape",
     )
 
 
@@ -220,6 +221,7 @@ def to_lists(
                         record.line,
                         "pairs",
                         "pairs do not give a total order of the responses",
+                        kind="shape",
                     )
                 )
                 continue
@@ -248,13 +250,14 @@ def to_triples(records: list[PreferenceRecord], *, issues: list[DataIssue] | Non
         if scores is None or len(scores) < 3:
             issues.append(DataIssue(record.source, record.line, "responses",
                                     "a triple needs three responses ordered by scores or a ranking "
-                                    "(or the prompt/chosen/rejected/reference layout)"))
+                                    "(or the prompt/chosen/rejected/reference layout)", kind="shape"))
             continue
         order = _best_first(scores)
         gold, chosen, rejected = order[0], order[1], order[-1]
         if not scores[chosen] > scores[rejected]:
             issues.append(DataIssue(record.source, record.line, record.field_name(name),
-                                    "no preference between the second-best and the worst response"))
+                                    "no preference between the second-best and the worst response",
+                                    kind="shape"))
             continue
         ex = _select(record, [chosen, rejected, gold])
         ex.inputs["scores"] = [scores[i] for i in (chosen, rejected, gold)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ def _jsonl_rows(path: Path, issues: list[DataIssue]) -> Iterator[Row]:
                         line_no,
                         "<line>",
                         f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                        kind="read",
                     )
                 )
                 continue
@@ -58,13 +60,19 @@ def _jsonl_rows(path: Path, issues: list[DataIssue]) -> Iterator[Row]:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 issues.append(
-                    DataIssue(str(path), line_no, "<line>", f"invalid JSON: {e.msg} (column {e.colno})")
+                    DataIssue(
+                        str(path), line_no, "<line>", f"invalid JSON: {e.msg} (column {e.colno})", kind="read"
+                    )
                 )
                 continue
             if not isinstance(row, dict):
                 issues.append(
                     DataIssue(
-                        str(path), line_no, "<line>", f"expected a JSON object, got {type(row).__name__}"
+                        str(path),
+                        line_no,
+                        "<line>",
+                        f"expected a JSON object, got {type(row).__name__}",
+                        kind="read",
                     )
                 )
                 continue
@@ -78,12 +86,16 @@ def _json_rows(path: Path, issues: list[DataIssue]) -> Iterator[Row]:
         text = data.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        issues.append(DataIssue(str(path), line, "<file>", f"not valid UTF-8 (byte 0x{data[e.start]:02x})"))
+        issues.append(
+            DataIssue(str(path), line, "<file>", f"not valid UTF-8 (byte 0x{data[e.start]:02x})", kind="read")
+        )
         return
     try:
         yield from _walk_json_array(text, str(path), issues)
     except json.JSONDecodeError as e:
-        issues.append(DataIssue(str(path), e.lineno, "<file>", f"invalid JSON: {e.msg} (column {e.colno})"))
+        issues.append(
+            DataIssue(str(path), e.lineno, "<file>", f"invalid JSON: {e.msg} (column {e.colno})", kind="read")
+        )
 
 
 def _walk_json_array(text: str, source: str, issues: list[DataIssue]) -> Iterator[Row]:
@@ -94,7 +106,9 @@ def _walk_json_array(text: str, source: str, issues: list[DataIssue]) -> Iterato
     if text[i : i + 1] != "[":
         obj = json.loads(text)  # raises a located syntax error if the document is broken
         issues.append(
-            DataIssue(source, 1, "<file>", f"expected a JSON array of objects, got {type(obj).__name__}")
+            DataIssue(
+                source, 1, "<file>", f"expected a JSON array of objects, got {type(obj).__name__}", kind="read"
+            )
         )
         return
     i, line, counted = i + 1, 1, 0
@@ -109,7 +123,9 @@ def _walk_json_array(text: str, source: str, issues: list[DataIssue]) -> Iterato
             yield obj, line
         else:
             issues.append(
-                DataIssue(source, line, "<line>", f"expected a JSON object, got {type(obj).__name__}")
+                DataIssue(
+                    source, line, "<line>", f"expected a JSON object, got {type(obj).__name__}", kind="read"
+                )
             )
         i += len(text[i:]) - len(text[i:].lstrip(ws))
         sep = text[i : i + 1]
@@ -143,6 +159,7 @@ def _pick_split(dsd: Any, split: str | None, source: str) -> Any:
                     0,
                     "<split>",
                     f"no split {name!r}; the dataset has {', '.join(sorted(dsd)) or 'none'}",
+                    kind="read",
                 )
             ]
         )
@@ -213,6 +230,45 @@ def _common_prefix(lists: list[list]) -> int:
     return n
 
 
+def _split(prompt: Any, responses: list[Any], columns: list[str]) -> tuple[Any, list[Any], dict[str, str]]:
+    """:func:`split_conversations`, plus ``origin`` entries naming where each moved message was in
+    the source (``prompt[1]`` -> ``chosen[1]``, ``responses[0][0]`` -> ``chosen[4]``), so that
+    validation names the message the file has. ``columns`` names the responses' source fields."""
+    convs = [(i, r) for i, r in enumerate(responses) if isinstance(r, list)]
+    if not convs:
+        return prompt, responses, {}
+    if isinstance(prompt, list):
+        n = len(prompt)
+        cuts = [n if isinstance(r, list) and r[:n] == prompt else 0 for r in responses]
+        return prompt, _cut(responses, cuts), _moved(responses, cuts, columns)
+    n = _common_prefix([r for _, r in convs])
+    # With one response (or identical ones) the whole conversation is "shared": keep the trailing
+    # assistant turns as the response, which is what was being rated.
+    first, conv = convs[0]
+    while n > 0 and _role(conv[n - 1]) == "assistant":
+        n -= 1
+    if n > 0:
+        cuts = [n if isinstance(r, list) else 0 for r in responses]
+        origin = {f"prompt[{j}]": f"{columns[first]}[{j}]" for j in range(n)}
+        return conv[:n], _cut(responses, cuts), origin | _moved(responses, cuts, columns)
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}], responses, {}
+    return prompt, responses, {}
+
+
+def _cut(responses: list[Any], cuts: list[int]) -> list[Any]:
+    return [r[c:] if c else r for r, c in zip(responses, cuts, strict=True)]
+
+
+def _moved(responses: list[Any], cuts: list[int], columns: list[str]) -> dict[str, str]:
+    return {
+        f"responses[{i}][{j}]": f"{columns[i]}[{c + j}]"
+        for i, (r, c) in enumerate(zip(responses, cuts, strict=True))
+        if c
+        for j in range(len(r) - c)
+    }
+
+
 def split_conversations(prompt: Any, responses: list[Any]) -> tuple[Any, list[Any]]:
     """Separate a shared prompt from responses given as chat messages.
 
@@ -221,32 +277,36 @@ def split_conversations(prompt: Any, responses: list[Any]) -> tuple[Any, list[An
       the prompt, backed off so each response starts at its final assistant turn(s);
     * a text prompt with assistant-only responses becomes a single user message.
     """
-    convs = [r for r in responses if isinstance(r, list)]
-    if not convs:
-        return prompt, responses
-    if isinstance(prompt, list):
-        n = len(prompt)
-        return prompt, [r[n:] if isinstance(r, list) and r[:n] == prompt else r for r in responses]
-    n = _common_prefix(convs)
-    # With one response (or identical ones) the whole conversation is "shared": keep the trailing
-    # assistant turns as the response, which is what was being rated.
-    while n > 0 and _role(convs[0][n - 1]) == "assistant":
-        n -= 1
-    if n > 0:
-        shared = convs[0][:n]
-        return shared, [r[n:] if isinstance(r, list) else r for r in responses]
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}], responses
+    prompt, responses, _ = _split(prompt, responses, [f"responses[{i}]" for i in range(len(responses))])
     return prompt, responses
 
 
-def _from_pair(row: dict) -> dict:
-    prompt, responses = split_conversations(row.get("prompt"), [row.get("chosen"), row.get("rejected")])
+# Anthropic HH-RLHF (the DPO paper's dialogue data): each of chosen/rejected is a whole transcript,
+# "\n\nHuman: …\n\nAssistant: …", and the two differ only in the last assistant turn.
+_HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+HH_FORM = "'\\n\\nHuman: … \\n\\nAssistant: …'"
+
+
+def parse_transcript(text: str) -> list[dict[str, str]] | None:
+    """The turns of an HH-RLHF transcript as chat messages (Human -> user, Assistant -> assistant,
+    contents stripped), or ``None`` when ``text`` does not start with a ``Human:``/``Assistant:`` turn.
+    Turn order is left to validation, which reports it like any conversation's."""
+    parts = _HH_MARKER.split(text)  # [before the first marker, role, content, role, content, ...]
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [{"role": _HH_ROLES[parts[k]], "content": parts[k + 1].strip()} for k in range(1, len(parts), 2)]
+
+
+PAIR_COLUMNS = ["chosen", "rejected"]
+
+
+def _pair_fields(row: dict, prompt: Any, responses: list[Any], moved: dict[str, str]) -> dict:
     out = dict(
         prompt=prompt,
         responses=responses,
         pairs=[(0, 1)],
-        origin={"responses[0]": "chosen", "responses[1]": "rejected"},
+        origin={"responses[0]": "chosen", "responses[1]": "rejected"} | moved,
     )
     for ck, rk in PAIR_SCORE_KEYS:
         if ck in row and rk in row:
@@ -257,48 +317,75 @@ def _from_pair(row: dict) -> dict:
     return out
 
 
+def _from_pair(row: dict) -> dict:
+    prompt, responses, moved = _split(row.get("prompt"), [row.get(c) for c in PAIR_COLUMNS], PAIR_COLUMNS)
+    return _pair_fields(row, prompt, responses, moved)
+
+
+def _from_transcripts(row: dict) -> dict:
+    """chosen/rejected of a source without a prompt column: whole conversations whose shared
+    beginning is the prompt. HH-RLHF text transcripts are parsed into chat messages first, so a
+    chat model trains on its own template rather than on the "Human:"/"Assistant:" text format."""
+    responses = [row.get(c) for c in PAIR_COLUMNS]
+    reasons = {}
+    if all(isinstance(r, str) for r in responses):
+        parsed = [parse_transcript(r) for r in responses]
+        if None in parsed:
+            column = PAIR_COLUMNS[parsed.index(None)]
+            reasons["prompt"] = (
+                f"there is no prompt column and {column} is not an Anthropic HH transcript "
+                f"({HH_FORM}) whose shared beginning would be the prompt"
+            )
+        else:
+            responses = parsed
+    prompt, responses, moved = _split(None, responses, PAIR_COLUMNS)
+    if prompt is None and not reasons and all(isinstance(r, list) for r in responses):
+        reasons["prompt"] = "chosen and rejected share no beginning to take as the prompt (their first turns differ)"
+    return _pair_fields(row, prompt, responses, moved) | {"missing_reasons": reasons}
+
+
 def _from_triple(row: dict) -> dict:
     """TRL's TPO layout: prompt/chosen/rejected/reference. Responses keep the columns' order; the pair
     (chosen, rejected) is explicit, so pair objectives train on it exactly as on a plain pair, and the
     ranking (reference, chosen, rejected) orders the list for listwise and triple (TPO) objectives."""
-    prompt, responses = split_conversations(
-        row.get("prompt"), [row.get("chosen"), row.get("rejected"), row.get("reference")]
-    )
+    columns = ["chosen", "rejected", "reference"]
+    prompt, responses, moved = _split(row.get("prompt"), [row.get(c) for c in columns], columns)
     return dict(
         prompt=prompt,
         responses=responses,
         pairs=[(0, 1)],
         ranking=[2, 0, 1],
-        origin={"responses[0]": "chosen", "responses[1]": "rejected", "responses[2]": "reference"},
+        origin={f"responses[{i}]": c for i, c in enumerate(columns)} | moved,
     )
 
 
 def _from_unpaired(row: dict) -> dict:
-    prompt, responses = split_conversations(row.get("prompt"), [row.get("completion")])
+    prompt, responses, moved = _split(row.get("prompt"), [row.get("completion")], ["completion"])
     return dict(
         prompt=prompt,
         responses=responses,
         labels=[row.get("label")],
-        origin={"responses[0]": "completion", "labels": "label", "labels[0]": "label"},
+        origin={"responses[0]": "completion", "labels": "label", "labels[0]": "label"} | moved,
     )
 
 
 def _from_rated(row: dict) -> dict:
     key = next(k for k in RATING_KEYS if k in row)
-    prompt, responses = split_conversations(row.get("prompt"), [row.get("response")])
+    prompt, responses, moved = _split(row.get("prompt"), [row.get("response")], ["response"])
     return dict(
         prompt=prompt,
         responses=responses,
         scores=[row.get(key)],
         consumed=(key,),
-        origin={"responses[0]": "response", "scores": key, "scores[0]": key},
+        origin={"responses[0]": "response", "scores": key, "scores[0]": key} | moved,
     )
 
 
 def _from_list(row: dict) -> dict:
-    prompt, responses = row.get("prompt"), row.get("responses")
+    prompt, responses, moved = row.get("prompt"), row.get("responses"), {}
     if isinstance(responses, list):
-        prompt, responses = split_conversations(prompt, responses)
+        columns = [f"responses[{i}]" for i in range(len(responses))]
+        prompt, responses, moved = _split(prompt, responses, columns)
     pairs = row.get("pairs")
     if isinstance(pairs, list):  # JSON has no tuples; malformed entries stay for validation to report
         pairs = [tuple(p) if isinstance(p, list) else p for p in pairs]
@@ -309,6 +396,7 @@ def _from_list(row: dict) -> dict:
         ranking=row.get("ranking"),
         pairs=pairs,
         labels=row.get("labels"),
+        origin=moved,
     )
 
 
@@ -322,6 +410,7 @@ class Layout:
     consumes: tuple[str, ...]  # columns the converter reads (the rest may become attributes)
     convert: Callable[[dict], dict]
     example: str
+    none_of: tuple[str, ...] = ()  # keys the source must not have
 
 
 # Most specific first: detection takes the first layout whose keys the source has.
@@ -342,13 +431,25 @@ LAYOUTS: tuple[Layout, ...] = (
         _from_triple,
         "prompt/chosen/rejected/reference (TPO triples: the reference is the gold response)",
     ),
+    # Decided per source, not per row: in a file with a prompt column, a row without one is
+    # reported as missing its prompt rather than guessed from its responses.
+    Layout(
+        "implicit_prompt",
+        ("chosen", "rejected"),
+        (),
+        ("chosen", "rejected"),
+        _from_transcripts,
+        f"chosen/rejected whole conversations, the prompt being their shared beginning (chat messages, "
+        f"or Anthropic HH-RLHF text {HH_FORM})",
+        none_of=("prompt",),
+    ),
     Layout(
         "paired",
         ("chosen", "rejected"),
         (),
         ("prompt", "chosen", "rejected", "messages"),
         _from_pair,
-        "[prompt/]chosen/rejected (text, messages, or full conversations)",
+        "prompt/chosen/rejected (text, messages, or full conversations)",
     ),
     Layout(
         "unpaired",
@@ -374,7 +475,11 @@ def detect_layout(keys: Iterable[str], source: str = "<data>") -> Layout:
     """The first layout whose keys are all present; a DataError naming the keys found otherwise."""
     keys = set(keys)
     for layout in LAYOUTS:
-        if set(layout.keys) <= keys and (not layout.any_of or keys & set(layout.any_of)):
+        if (
+            set(layout.keys) <= keys
+            and (not layout.any_of or keys & set(layout.any_of))
+            and not keys & set(layout.none_of)
+        ):
             return layout
     accepted = "; ".join(f"{layout.name}: {layout.example}" for layout in LAYOUTS)
     raise DataError(
@@ -385,6 +490,7 @@ def detect_layout(keys: Iterable[str], source: str = "<data>") -> Layout:
                 "<layout>",
                 f"unrecognised layout; keys found: {', '.join(sorted(keys)) or 'none'}; "
                 f"layouts accepted: {accepted}",
+                kind="layout",
             )
         ]
     )
@@ -421,7 +527,7 @@ def load_records(
         raise DataError(issues)
     if not rows:
         if len(issues) == before:
-            raise DataError([DataIssue(name, 0, "<file>", "no records (the source is empty)")])
+            raise DataError([DataIssue(name, 0, "<file>", "no records (the source is empty)", kind="read")])
         raise DataError(issues)
     if shape_hint is not None:
         if shape_hint not in LAYOUTS_BY_NAME:

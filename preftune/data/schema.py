@@ -41,19 +41,28 @@ class PreferenceRecord:
     source: str = "<memory>"
     line: int = 0  # 1-based line in JSONL/JSON; row index + 1 for Parquet and datasets
     origin: dict[str, str] = field(default_factory=dict)
+    # Why a field is missing, when the reader knows (e.g. the prompt of a row without a prompt
+    # column whose chosen and rejected share no beginning); validation adds it to "missing".
+    missing_reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_responses(self) -> int:
         return len(self.responses) if isinstance(self.responses, list) else 0
 
-    @property
-    def is_conversational(self) -> bool:
-        """True when the prompt or any response is a list of chat messages."""
-        return isinstance(self.prompt, list) or any(isinstance(r, list) for r in self.responses or [])
-
     def field_name(self, path: str) -> str:
-        """The name of a record field as the source spelled it (``responses[1]`` -> ``rejected``)."""
-        return self.origin.get(path, path)
+        """The name of a record field as the source spelled it (``responses[1]`` -> ``rejected``).
+
+        The longest mapped prefix wins, so message paths follow the messages a reader moved:
+        ``responses[1][0].role`` -> ``rejected[3].role`` when the reader took the first three
+        messages of ``rejected`` as the prompt.
+        """
+        if path in self.origin:
+            return self.origin[path]
+        end = len(path)
+        while (end := path.rfind("]", 0, end)) != -1:
+            if (head := path[: end + 1]) in self.origin:
+                return self.origin[head] + path[end + 1 :]
+        return path
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,10 @@ class DataIssue:
     line: int
     field: str
     message: str
+    # What kind of problem: "read" (an unreadable line or file), "layout" (no known layout),
+    # "record" (a bad value), "shape" (the record lacks what the objective trains on: a pair, a
+    # label, a long enough list). Callers add the objective's data needs only to the last two.
+    kind: str = field(default="record", compare=False)
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.field}: {self.message}"
@@ -76,11 +89,19 @@ class DataError(Exception):
         self.issues = list(issues)
         super().__init__(format_issues(self.issues))
 
+    @property
+    def about_shape(self) -> bool:
+        """True when an issue says the data lacks the objective's layout or shape (not a bad value)."""
+        return any(issue.kind in ("layout", "shape") for issue in self.issues)
+
 
 def format_issues(issues: list[DataIssue], limit: int = MAX_PRINTED_ISSUES) -> str:
-    """``N problem(s) in the data:`` followed by one ``path:line: field: message`` per issue."""
+    """One issue as ``path:line: field: message``; several as ``N problems in the data:`` and a
+    line each (so a single problem leads with where it is)."""
     n = len(issues)
-    head = f"{n} problem{'s' if n != 1 else ''} in the data:"
+    if n == 1:
+        return str(issues[0])
+    head = f"{n} problems in the data:"
     lines = [f"  {issue}" for issue in issues[:limit]]
     if n > limit:
         lines.append(f"  ... and {n - limit} more")

@@ -1,9 +1,9 @@
 """Check records before training: every problem in every record, each with file, line and field.
 
-Checks run in two passes per record. The structural pass (types, emptiness, lengths, indices,
-finiteness) must be clean before the shape pass asks the derivation code whether the record gives
-the objective what it needs (a pair, a label, a long enough list), so that derivation can assume
-well-formed records and the two can never disagree.
+Checks run in two passes per record. The structural pass (types, emptiness, the roles and order of
+conversation turns, lengths, indices, finiteness) must be clean before the shape pass asks the
+derivation code whether the record gives the objective what it needs (a pair, a label, a long
+enough list), so that derivation can assume well-formed records and the two can never disagree.
 """
 
 from __future__ import annotations
@@ -31,6 +31,21 @@ def _type_name(value: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# Conversations may have these roles. Tool use (a "tool"/"function"/"ipython" turn, an assistant
+# turn that calls a tool) is refused rather than rendered: its turns would need their own checks
+# (each result answering a call) and the chat templates render them in incompatible ways.
+ROLES = ("system", "user", "assistant")
+TOOL_ROLES = ("tool", "function", "ipython")
+
+
+def _role_problem(role: str) -> str | None:
+    if role in ROLES:
+        return None
+    if role in TOOL_ROLES:
+        return f"role {role!r} is not supported: conversations may only have system, user and assistant turns"
+    return f"unknown role {role!r} (expected system, user or assistant)"
+
+
 def _check_messages(messages: list, path: str) -> list[Problem]:
     if not messages:
         return [(path, "empty (no messages)")]
@@ -45,20 +60,74 @@ def _check_messages(messages: list, path: str) -> list[Problem]:
             if not isinstance(m.get(key), str):
                 what = "missing" if m.get(key) is None else f"expected a string, got {_type_name(m[key])}"
                 problems.append((f"{path}[{i}].{key}", what))
+        if isinstance(m.get("role"), str) and (msg := _role_problem(m["role"])) is not None:
+            problems.append((f"{path}[{i}].role", msg))
+        if m.get("tool_calls"):
+            problems.append((f"{path}[{i}].tool_calls", "tool calls are not supported"))
     if not problems and not any(m["content"].strip() for m in messages):
         problems.append((path, "empty (every message is blank)"))
     return problems
 
 
-def _check_text(value: Any, path: str) -> list[Problem]:
+def _check_text(value: Any, path: str, missing: str = "missing") -> list[Problem]:
     """A prompt or response: non-blank text or well-formed chat messages."""
     if value is None:
-        return [(path, "missing")]
+        return [(path, missing)]
     if isinstance(value, str):
         return [] if value.strip() else [(path, "empty")]
     if isinstance(value, list):
         return _check_messages(value, path)
     return [(path, f"expected a string or a list of chat messages, got {_type_name(value)}")]
+
+
+def _prompt_turns(prompt: list, path: str = "prompt") -> list[Problem]:
+    """Order of a prompt's (well-formed) messages: an optional system message first, then user and
+    assistant turns alternating from a user turn, ending with the user turn the responses answer.
+    The first order problem is reported (later ones usually follow from it), and the ending."""
+    problems: list[Problem] = []
+    previous = None  # the last user/assistant role
+    for i, m in enumerate(prompt):
+        role, where = m["role"], f"{path}[{i}].role"
+        if role == "system":
+            if i > 0:
+                problems.append((where, "a system message must be the first turn"))
+                break
+            continue
+        if previous is None and role != "user":
+            problems.append((where, f"the first turn (after an optional system message) must be user, not {role}"))
+            break
+        if role == previous:
+            problems.append((where, f"{role} follows {role}: user and assistant turns must alternate"))
+            break
+        previous = role
+    last = f"{path}[{len(prompt) - 1}].role"
+    if prompt[-1]["role"] == "assistant" and all(where != last for where, _ in problems):
+        problems.append(
+            (last, "the prompt ends with an assistant turn; it must end with the user turn that the responses answer")
+        )
+    elif previous is None and not problems:
+        problems.append((path, "no user turn (the responses need a user turn to answer)"))
+    return problems
+
+
+def _response_turns(response: list, path: str) -> list[Problem]:
+    """A response given as messages is the assistant's reply: one assistant turn."""
+    for j, m in enumerate(response):
+        if m["role"] != "assistant":
+            return [(f"{path}[{j}].role", f"expected an assistant turn, got {m['role']} (a response is the "
+                     "assistant's reply; earlier turns belong in the prompt)")]
+        if j > 0:
+            return [(f"{path}[{j}].role", "assistant follows assistant: a response is one assistant turn")]
+    return []
+
+
+def conversation_problems(record: PreferenceRecord) -> list[Problem]:
+    """Turn order of the record's conversations (messages already well-formed, roles known)."""
+    problems = _prompt_turns(record.prompt) if isinstance(record.prompt, list) else []
+    for i, r in enumerate(record.responses):
+        if isinstance(r, list):
+            problems += _response_turns(r, f"responses[{i}]")
+    return problems
 
 
 def _score_problem(v: Any) -> str | None:
@@ -138,8 +207,9 @@ def _check_attributes(attributes: dict[str, Any]) -> list[Problem]:
 
 
 def structural_problems(record: PreferenceRecord) -> list[Problem]:
-    """Types, blank text, per-response lengths, index ranges and finiteness."""
-    problems = _check_text(record.prompt, "prompt")
+    """Types, blank text, conversation structure, per-response lengths, index ranges and finiteness."""
+    reason = record.missing_reasons.get("prompt")
+    problems = _check_text(record.prompt, "prompt", f"missing: {reason}" if reason else "missing")
     responses = record.responses
     if not isinstance(responses, list):
         problems.append(
@@ -153,6 +223,8 @@ def structural_problems(record: PreferenceRecord) -> list[Problem]:
         return problems
     for i, r in enumerate(responses):
         problems += _check_text(r, f"responses[{i}]")
+    if not problems:  # order is only meaningful once every message is well-formed
+        problems += conversation_problems(record)
     k = len(responses)
     for name in PER_RESPONSE:
         problems += _check_per_response(record, name, k)
@@ -199,6 +271,7 @@ def _unpaired(record: PreferenceRecord, min_responses: int) -> list[DataIssue]:
                 record.line,
                 record.field_name("labels"),
                 "missing (an unpaired example needs a desirable/undesirable label)",
+                kind="shape",
             )
         ]
     return _paired(record, min_responses)
@@ -213,6 +286,7 @@ def _listwise(record: PreferenceRecord, min_responses: int) -> list[DataIssue]:
                 record.line,
                 "responses",
                 f"{k} responses; this objective needs lists of at least {min_responses}",
+                kind="shape",
             )
         ]
     scores, name = preference_scores(record)
@@ -226,12 +300,19 @@ def _listwise(record: PreferenceRecord, min_responses: int) -> list[DataIssue]:
                     record.line,
                     "scores",
                     f"missing: nothing orders the {k} responses (give scores or a ranking)",
+                    kind="shape",
                 )
             ]
         )
     if len(set(scores)) == 1:
         return [
-            DataIssue(record.source, record.line, record.field_name(name), f"no preference: all {name} equal")
+            DataIssue(
+                record.source,
+                record.line,
+                record.field_name(name),
+                f"no preference: all {name} equal",
+                kind="shape",
+            )
         ]
     return []
 
@@ -256,9 +337,7 @@ def record_issues(
     """Every issue of one record (structural first; shape and length only when structure is sound)."""
     problems = structural_problems(record)
     if problems:
-        return [
-            DataIssue(record.source, record.line, _source_path(record, path), msg) for path, msg in problems
-        ]
+        return [DataIssue(record.source, record.line, record.field_name(path), msg) for path, msg in problems]
     issues = SHAPE_CHECKS[objective_shape](record, min_responses)
     if tokenizer is not None and max_prompt_length is not None and overlong_prompt == "error":
         from .tokenize import prompt_token_count
@@ -274,14 +353,6 @@ def record_issues(
                 )
             )
     return issues
-
-
-def _source_path(record: PreferenceRecord, path: str) -> str:
-    """``responses[1][0].content`` -> ``rejected[0].content``: name fields as the file does."""
-    head, bracket, rest = path.partition("]")
-    if bracket and (head + "]") in record.origin:
-        return record.origin[head + "]"] + rest
-    return record.field_name(path)
 
 
 def validate_records(

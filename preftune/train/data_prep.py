@@ -32,8 +32,8 @@ def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=p
             min_responses=obj.min_responses, tokenizer=tokenizer, max_prompt_length=cfg.max_prompt_length,
             chat_template=cfg.chat_template,
         )
-    except data.DataError as e:  # say what the objective needs above the located problems
-        e.args = (f"objective '{obj.name}' needs {obj.data_needs}.\n{e}",)
+    except data.DataError as e:
+        _hint_needs(e, obj)
         raise
     if issues:
         log(f"skipped {len(issues)} problem(s) in {path} (--skip-invalid); first: {issues[0]}")
@@ -45,12 +45,19 @@ def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=p
         else:
             examples = data.derive_examples(records, obj.shape, pair_strategy=cfg.pair_strategy)
     except data.DataError as e:
-        e.args = (f"objective '{obj.name}' needs {obj.data_needs}.\n{e}",)
+        _hint_needs(e, obj)
         raise
     if not examples:
         raise ValueError(f"{path}: no usable examples for objective '{obj.name}', which needs {obj.data_needs}")
     check_inputs(examples, obj, path)
     return examples
+
+
+def _hint_needs(e, obj) -> None:
+    """The located problems lead; what the objective needs follows, when the data lacks its layout or
+    shape (not after an unreadable line or a bad value, where it would only bury the problem)."""
+    if e.about_shape:
+        e.args = (f"{e}\nobjective '{obj.name}' needs {obj.data_needs}",)
 
 
 def check_inputs(examples, obj, source: str) -> None:

@@ -223,4 +223,57 @@ def test_error_message_is_capped_but_issues_are_kept():
     assert lines[1] == "  f.jsonl:1: prompt: empty" and lines[50] == "  f.jsonl:50: prompt: empty"
     assert lines[-1] == "  ... and 70 more" and len(lines) == 52
     assert len(err.issues) == 120
-    assert format_issues(issues[:1]) == "1 problem in the data:\n  f.jsonl:1: prompt: empty"
+    # One problem is one line that leads with where it is.
+    assert format_issues(issues[:1]) == "f.jsonl:1: prompt: empty"
+
+
+# ---------------------------------------------------------------- errors through `preftune train`'s path
+
+
+def _prepare_error(path, loss="dpo"):
+    """The message `preftune train` prints for this data (train.data_prep.prepare, as the CLI calls it)."""
+    from preftune.losses import get
+    from preftune.testing import tiny_tokenizer
+    from preftune.train.config import TrainConfig
+    from preftune.train.data_prep import prepare
+
+    with pytest.raises(DataError) as e:
+        prepare(TrainConfig(data=str(path), loss=loss), get(loss), tiny_tokenizer())
+    return str(e.value)
+
+
+def test_bad_json_line_leads_the_message(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "x", "chosen": }\n')
+    # The problem first; no "objective 'dpo' needs ..." preamble or trailer for a broken line.
+    assert _prepare_error(path) == f"{path}:2: <line>: invalid JSON: Expecting value (column 27)"
+
+
+def test_bad_utf8_line_leads_the_message(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
+    assert _prepare_error(path) == f"{path}:2: <line>: not valid UTF-8 (byte 0xe9 at column 16)"
+
+
+def test_several_problems_list_each_without_the_objective_hint(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [GOOD, "{oops", {"prompt": "", "chosen": "a", "rejected": "b"}])
+    assert _prepare_error(path).splitlines() == [
+        "2 problems in the data:",
+        f"  {path}:2: <line>: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+        f"  {path}:3: prompt: empty",
+    ]
+
+
+def test_objective_needs_trail_a_wrong_layout_or_shape(tmp_path):
+    from preftune.losses import get
+
+    needs = f"objective 'dpo' needs {get('dpo').data_needs}"
+    path = _write(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    msg = _prepare_error(path).splitlines()
+    assert msg[0].startswith(f"{path}:0: <layout>: unrecognised layout; keys found: answer, question")
+    assert msg[1:] == [needs]
+    path = _write(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": "a", "label": True}])
+    assert _prepare_error(path).splitlines() == [
+        f"{path}:1: label: no preference: only one response (merge rows that share a prompt with group_by_prompt)",
+        needs,
+    ]
