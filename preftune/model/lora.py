@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -55,7 +57,22 @@ def apply_lora(model, settings: LoraSettings | None = None):
         bias=settings.bias,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with quiet_peft_deprecations():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """Silence the one deprecation that PEFT itself triggers on every wrap, while it wraps a model.
+
+    ``PeftModel.__init__`` of peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers
+    5.23 deprecated (FutureWarning) in favour of ``is_activation_checkpointing``. The call is inside
+    PEFT, so preftune cannot use the new name there; the filter matches only that message, so any
+    other warning still shows.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_peft_model(model) -> bool:
@@ -151,11 +168,15 @@ def save_final(
 
     - full fine-tune: ``out_dir`` is a plain HF folder (``AutoModelForCausalLM.from_pretrained(out_dir)``).
     - PeftModel: ``out_dir`` holds the adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
-      loadable with ``peft.AutoPeftModelForCausalLM``); with ``merge_lora`` also ``out_dir/merged``, a
+      loadable with ``preftune.model.load_model(out_dir)``, or ``peft.PeftModel.from_pretrained(base,
+      out_dir)`` on the loaded base); with ``merge_lora`` also ``out_dir/merged``, a
       plain HF folder with the adapter folded into the weights (model + tokenizer, loadable by vLLM).
       Merging works on a temporary copy (one more set of weights in memory while saving), so
       ``model`` stays a trainable PeftModel.
       ``merge_lora`` is ignored for a model without adapters.
+      The adapter's ``base_model_name_or_path`` is the base's portable spec when ``load_model``
+      loaded it (``loading.base_spec``: the alias ``smollm2-135m-instruct``, a hub id, or the folder
+      given), not the machine-local GGUF conversion cache that the weights were read from.
 
     Everything is written to ``<out_dir>.tmp-xxxxxxxx`` first and renamed into place, so a crash
     leaves either the old folder or the new one, never a half-written one. An existing ``out_dir``
@@ -194,7 +215,10 @@ def _replaceable(folder: Path) -> bool:
 def _write_model_folder(model, tokenizer, folder: Path, *, merge_lora: bool) -> None:
     """``save_pretrained`` of model (adapter, or full weights) and tokenizer into a new ``folder``."""
     folder.mkdir()
-    model.save_pretrained(folder)
+    if is_peft_model(model):
+        _save_adapter(model, folder)
+    else:
+        model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if merge_lora and is_peft_model(model):
@@ -204,6 +228,37 @@ def _write_model_folder(model, tokenizer, folder: Path, *, merge_lora: bool) -> 
         if tokenizer is not None:
             tokenizer.save_pretrained(folder / "merged")
         del merged
+
+
+def _save_adapter(model, folder: Path) -> None:
+    """``save_pretrained`` of a PeftModel, recording the base's portable spec as ``base_model_name_or_path``.
+
+    While saving, each adapter config names the local folder the base weights were read from: PEFT's
+    save looks the recorded base up (locally, else on the hub) to check the vocabulary size, and the
+    local folder answers that without a network. The files are then rewritten with the portable spec
+    (``loading.base_spec``), because for an alias or a GGUF that local folder is this machine's
+    conversion cache. A base not loaded by ``load_model`` (built from a config, say) keeps PEFT's record.
+    """
+    from preftune.model.loading import ADAPTER_CONFIG, BASE_SPEC_ATTR
+
+    base = model.get_base_model()
+    local = base.__dict__.get("name_or_path") or None
+    configs = list(model.peft_config.values())
+    recorded = [config.base_model_name_or_path for config in configs]
+    try:
+        for config in configs:
+            config.base_model_name_or_path = local or config.base_model_name_or_path
+        model.save_pretrained(folder)
+    finally:
+        for config, name in zip(configs, recorded, strict=True):
+            config.base_model_name_or_path = name
+    portable = getattr(base, BASE_SPEC_ATTR, None)
+    if not portable:
+        return
+    for config_path in folder.rglob(ADAPTER_CONFIG):  # one per adapter (extra adapters in subfolders)
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = portable
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _swap_into_place(new: Path, target: Path) -> None:

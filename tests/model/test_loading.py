@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from preftune.model import loading
+from preftune.model import LoraSettings, apply_lora, is_peft_model, loading, save_final
 from preftune.model.loading import (
+    BASE_SPEC_ATTR,
     ModelNotFoundError,
+    base_spec,
     convert_gguf_cached,
     default_cache_dir,
     ensure_pad_token,
@@ -346,6 +350,126 @@ def test_failed_conversion_leaves_nothing_and_debris_is_replaced(tmp_path, monke
     monkeypatch.setattr(loading, "convert_gguf", _fake_conversion("fresh", calls))
     assert convert_gguf_cached(gguf_file, cache_dir=cache) == target
     assert sorted(p.name for p in target.iterdir()) == ["config.json"] and len(calls) == 1
+
+
+# -------------------------------------------------------------------------------- adapter folders
+
+
+@pytest.fixture()
+def alias_is_tiny_gguf(tiny_gguf, monkeypatch):
+    """The built-in alias, pointed at the tiny GGUF (the real file is 100 MB and an optional package)."""
+    path, _ = tiny_gguf
+    monkeypatch.setattr(loading, "alias_gguf_path", lambda alias: path)
+    return tiny_gguf
+
+
+def _trained_adapter(model, seed: int = 1):
+    """Wrap ``model`` in LoRA with non-zero B (fresh adapters equal the base and would prove nothing)."""
+    peft_model = apply_lora(model, LoraSettings(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return peft_model
+
+
+def _recorded_base(adapter_dir: Path) -> str:
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_adapter_records_the_alias_and_loads_on_another_machine(alias_is_tiny_gguf, tmp_path, monkeypatch):
+    """An adapter trained on the alias names the alias, not this machine's conversion cache, so it loads
+    where that cache does not exist (here: the cache is deleted and another cache folder is used)."""
+    _, source = alias_is_tiny_gguf
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "machine-a"))
+    model, tok = load_model("SmolLM2")
+    assert getattr(model, BASE_SPEC_ATTR) == "smollm2-135m-instruct"
+    assert Path(model.name_or_path).parent == tmp_path / "machine-a" / "models"  # where weights were read
+    trained = _trained_adapter(model)
+    expected = _logits(trained)
+    out = save_final(trained, tok, tmp_path / "run" / "model")
+    assert _recorded_base(out) == "smollm2-135m-instruct"
+
+    shutil.rmtree(tmp_path / "machine-a")
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "machine-b"))
+    loaded, loaded_tok = load_model(out)
+    assert is_peft_model(loaded) and not any(p.requires_grad for p in loaded.parameters())  # inference
+    torch.testing.assert_close(_logits(loaded), expected, atol=1e-6, rtol=0)
+    with loaded.disable_adapter():
+        torch.testing.assert_close(_logits(loaded), _logits(source), atol=1e-6, rtol=0)
+    assert any((tmp_path / "machine-b" / "models").iterdir())  # the base was converted again, here
+    assert loaded_tok(TEXT).input_ids == load_tokenizer(out)(TEXT).input_ids == tiny_tokenizer()(TEXT).input_ids
+
+    # Saved again (e.g. after evaluation), the base is still the alias, and PEFT's save did not go looking
+    # for a hub repo of that name (it checks the base's vocabulary against the local folder instead).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = save_final(loaded, loaded_tok, tmp_path / "again")
+    assert _recorded_base(again) == "smollm2-135m-instruct" and [str(w.message) for w in caught] == []
+    assert loaded.peft_config["default"].base_model_name_or_path == "smollm2-135m-instruct"  # restored
+
+
+def test_base_spec_is_portable_for_every_kind_of_spec(alias_is_tiny_gguf, tiny_model_dir, tmp_path, monkeypatch):
+    gguf_path, _ = alias_is_tiny_gguf
+    assert base_spec("SMOLLM2") == base_spec("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert base_spec(gguf_path) == "smollm2-135m-instruct"  # the file the alias ships: the alias
+    other = tmp_path / "other.gguf"
+    shutil.copy(gguf_path, other)
+    assert base_spec(other) == str(other.resolve())  # any other GGUF: where it is
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert base_spec(tiny_model_dir.name) == str(tiny_model_dir.resolve())  # a folder: as given, absolute
+    assert base_spec("someorg/some-model") == "someorg/some-model"  # a hub id: as given
+
+
+def test_adapter_on_a_folder_records_the_folder_and_falls_back_to_its_tokenizer(tiny_model_dir, tmp_path):
+    model, tok = load_model(tiny_model_dir)
+    trained = _trained_adapter(model)
+    expected = _logits(trained)
+    out = save_final(trained, None, tmp_path / "adapter")  # no tokenizer saved beside the adapter
+    assert _recorded_base(out) == str(tiny_model_dir.resolve())
+    assert resolve_model(out) == out.resolve()
+    loaded, loaded_tok = load_model(out)
+    torch.testing.assert_close(_logits(loaded), expected, atol=1e-6, rtol=0)
+    assert loaded_tok(TEXT).input_ids == load_tokenizer(out)(TEXT).input_ids == tok(TEXT).input_ids
+
+
+def test_adapter_of_a_model_built_from_a_config_keeps_what_peft_records(tmp_path):
+    out = save_final(_trained_adapter(tiny_model("llama")), tiny_tokenizer(), tmp_path / "adapter")
+    assert _recorded_base(out) is None  # nothing portable to record; load with PeftModel on the base
+    with pytest.raises(ModelNotFoundError, match=r"adapter_config.json: field base_model_name_or_path is None"):
+        load_model(out)
+
+
+def _adapter_dir(tmp_path: Path, config_text: str) -> Path:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(config_text)
+    return folder
+
+
+def test_adapter_with_an_unloadable_base_names_the_file_and_field(tmp_path):
+    folder = _adapter_dir(tmp_path, json.dumps({"base_model_name_or_path": str(tmp_path / "gone" / "base")}))
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model(folder)
+    message = str(info.value)
+    assert str(folder / "adapter_config.json") in message and "base_model_name_or_path" in message
+    assert f"model path {tmp_path / 'gone' / 'base'} does not exist" in message
+
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"adapter_config.json: not valid JSON"):
+        load_model(folder)
+
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(folder)}))
+    with pytest.raises(ModelNotFoundError, match="is itself an adapter folder"):
+        load_model(folder)
+
+
+def test_run_folder_is_refused_with_a_pointer_to_its_model(tmp_path):
+    run = tmp_path / "run"
+    _adapter_dir(run.mkdir() or run, "{}").rename(run / "model")
+    with pytest.raises(ModelNotFoundError, match=rf"Its model is {run / 'model'}"):
+        resolve_model(run)
 
 
 # ------------------------------------------------------------------------------------ the aliases

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -200,6 +201,61 @@ def test_save_lora_with_merge_loads_as_plain_model_with_same_logits(tmp_path):
     # The merge worked on a copy: the training model still has its adapters and outputs.
     assert is_peft_model(peft_model)
     torch.testing.assert_close(_logits(peft_model, batch), expected, atol=0, rtol=0)
+
+
+def _trained_lora(arch="llama", steps=3):
+    """A LoRA model after a few real optimiser steps (the adapters are no longer B = 0), in eval mode."""
+    batch = _batch()
+    model = apply_lora(tiny_model(arch), LoraSettings(r=4, alpha=8))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    for _ in range(steps):
+        (-token_logps(model, batch).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_saved_adapter_loads_both_ways_with_the_training_time_logits(tmp_path):
+    """The adapter folder reproduces the in-memory trained model through PEFT and through transformers'
+    adapter API (the pinned transformers accepts the pinned peft for enable/disable), and switching the
+    adapter off gives exactly the base model."""
+    from peft import PeftModel
+
+    batch = _batch()
+    trained = _trained_lora()
+    expected = _logits(trained, batch)
+    base = _logits(tiny_model("llama"), batch)
+    assert (expected - base).abs().max() > 1e-2  # training moved the outputs, so the checks below bite
+    out = save_final(trained, tiny_tokenizer(), tmp_path / "adapter")
+
+    by_peft = PeftModel.from_pretrained(tiny_model("llama"), out)
+    torch.testing.assert_close(_logits(by_peft, batch), expected, atol=1e-6, rtol=0)
+    with by_peft.disable_adapter():
+        torch.testing.assert_close(_logits(by_peft, batch), base, atol=0, rtol=0)
+    torch.testing.assert_close(_logits(by_peft, batch), expected, atol=1e-6, rtol=0)
+
+    by_transformers = tiny_model("llama")
+    by_transformers.load_adapter(str(out))
+    assert by_transformers.active_adapters() == ["default"]
+    torch.testing.assert_close(_logits(by_transformers, batch), expected, atol=1e-6, rtol=0)
+    by_transformers.disable_adapters()
+    torch.testing.assert_close(_logits(by_transformers, batch), base, atol=0, rtol=0)
+    by_transformers.enable_adapters()
+    torch.testing.assert_close(_logits(by_transformers, batch), expected, atol=1e-6, rtol=0)
+
+
+def test_lora_wrap_save_and_load_emit_no_deprecation_warnings(tmp_path, tiny_model_dir):
+    """Warnings a user would see on every run: none from wrapping, saving or loading an adapter."""
+    from preftune.model import load_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, tok = load_model(tiny_model_dir)
+        out = save_final(apply_lora(model, LoraSettings(r=4, alpha=8)), tok, tmp_path / "adapter", merge_lora=True)
+        load_model(out)
+        load_model(out / "merged")
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
 
 
 def test_save_lora_without_merge_writes_no_merged_folder(tmp_path):
