@@ -169,3 +169,24 @@ def _to_sample(tokens: list[int], stop: list[int], tokenizer) -> Sample:
             ids = tokens[: t + 1]
             return Sample(tokenizer.decode(ids[:-1], skip_special_tokens=True).strip(), ids, True)
     return Sample(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, False)
+
+
+def generations_to_rows(gens: Generations) -> list[dict]:
+    """One JSON row per prompt, token ids included (what a resumed run and the trainer read back)."""
+    return [
+        {
+            "prompt": p,
+            "prompt_ids": ids,
+            "samples": [{"text": s.text, "token_ids": s.token_ids, "finished": s.finished} for s in row],
+        }
+        for p, ids, row in zip(gens.prompts, gens.prompt_ids, gens.samples, strict=True)
+    ]
+
+
+def generations_from_rows(rows: list[dict], settings: dict | None = None) -> Generations:
+    return Generations(
+        [r["prompt"] for r in rows],
+        [r["prompt_ids"] for r in rows],
+        [[Sample(s["text"], s["token_ids"], s["finished"]) for s in r["samples"]] for r in rows],
+        settings or {},
+    )

@@ -417,3 +417,92 @@ def judge_file(
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(out)
     return rows
+
+
+# ------------------------------------------------------------------------------------ Self-Rewarding rubric
+
+RUBRIC_TEMPLATE = (
+    "Review the user's question and the corresponding response using the additive 5-point scoring system "
+    "described below. Points are accumulated based on the satisfaction of each criterion:\n"
+    "- Add 1 point if the response is relevant and provides some information related to the user's inquiry, "
+    "even if it is incomplete or contains some irrelevant content.\n"
+    "- Add another point if the response addresses a substantial portion of the user's question, but does not "
+    "completely resolve the query or provide a direct answer.\n"
+    "- Award a third point if the response answers the basic elements of the user's question in a useful way.\n"
+    "- Grant a fourth point if the response is clearly written from an AI Assistant's perspective, addressing "
+    "the user's question directly and comprehensively, and is well-organized and helpful.\n"
+    "- Bestow a fifth point for a response that is impeccably tailored to the user's question, without "
+    "extraneous information, reflecting expert knowledge.\n\n"
+    "User: {prompt}\n<response>{response}</response>\n\n"
+    "After examining the user's instruction and the response, conclude with the score in the format "
+    "\"Score: <total points>\"."
+)
+
+
+class RubricJudge(Judge):
+    """Self-Rewarding's additive 0–5 rubric (Yuan et al. 2024, arXiv 2401.10020, Fig. 2), read off the
+    judging model's next-token distribution over the digits 0–5 after "Score: ".
+
+    The paper samples a justification and a score three times and averages the parsed scores; the expected
+    points under the model's score distribution are that average's deterministic limit, and never fail to
+    parse. ``model`` may be the policy being trained (Self-Rewarding) or any local chat model.
+    """
+
+    pointwise = True
+
+    def __init__(self, model: Any, tokenizer: Any, *, template: str = RUBRIC_TEMPLATE, name: str = "rubric",
+                 batch_size: int = 8):
+        self.model, self.tokenizer, self.template, self.name, self.batch_size = (
+            model, tokenizer, template, name, batch_size)
+        # "Score: d" for d = 0..5 after the shared "Score:" tokens: BPE may keep the space apart from the digit
+        # (two tokens) or merge them (one), even within one vocabulary. A digit's probability is then
+        # P(first | context) · P(second | context, first); every two-token form must share its first token.
+        prefix = tokenizer("Score:", add_special_tokens=False)["input_ids"]
+        conts = []
+        for d in range(6):
+            full = tokenizer(f"Score: {d}", add_special_tokens=False)["input_ids"]
+            if full[: len(prefix)] != prefix or not 1 <= len(full) - len(prefix) <= 2:
+                raise ValueError(f"RubricJudge cannot read 'Score: {d}' with this tokenizer")
+            conts.append(full[len(prefix):])
+        heads = {c[0] for c in conts if len(c) == 2}
+        if len(heads) > 1 or len({tuple(c) for c in conts}) != 6:
+            raise ValueError("RubricJudge: the scores 0–5 after 'Score:' are not distinguishable tokens")
+        self.prefix, self.conts, self.head = prefix, conts, next(iter(heads), None)
+
+    def _context(self, prompt: Prompt, response: str) -> list[int]:
+        text = self.template.format(prompt=_prompt_as_text(prompt), response=response)
+        if getattr(self.tokenizer, "chat_template", None):
+            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                          add_generation_prompt=True)
+            ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(text + "\n")["input_ids"]
+        return list(ids) + list(self.prefix) + ([self.head] if self.head is not None else [])
+
+    def score(self, prompt: Prompt, responses: list[str]) -> list[float]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        out: list[float] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, len(responses), self.batch_size):
+                ctx = [self._context(prompt, r) for r in responses[s : s + self.batch_size]]
+                width = max(len(c) for c in ctx)
+                ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctx], device=device)
+                mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx], device=device)
+                pos = (mask.cumsum(1) - 1).clamp(min=0)
+                keep = 2 if self.head is not None else 1
+                with torch.no_grad():
+                    logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                                        logits_to_keep=keep).logits.float(), dim=-1)  # (N, keep, V)
+                first = logp[:, 0]  # after "Score:"; with a head token, logp[:, 1] is after "Score:" + head
+                scores = torch.stack([first[:, c[0]] if len(c) == 1 else first[:, c[0]] + logp[:, 1, c[1]]
+                                      for c in self.conts], dim=-1)  # (N, 6) log P("Score: d" | context)
+                p = torch.softmax(scores, dim=-1)  # renormalised over the six scores
+                out += (p @ torch.arange(6, dtype=p.dtype, device=p.device)).tolist()
+        finally:
+            self.model.train(was_training)
+        return out

@@ -79,12 +79,19 @@ def check_inputs(examples, obj, source: str) -> None:
 
 
 def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) -> TokenizedSet:
-    from preftune.data import tokenize_examples, truncation_counts
+    """Token ids of every example. Already-tokenised groups (``TokenizedExample``: the online loop's
+    sampled token ids, which a re-tokenisation of their text need not reproduce) are kept as given."""
+    from preftune.data import TokenizedExample, tokenize_examples, truncation_counts
 
-    toks = tokenize_examples(
-        examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-        truncation_mode=cfg.truncation_mode, chat_template=cfg.chat_template,
-    )
+    if examples and all(isinstance(e, TokenizedExample) for e in examples):
+        toks = list(examples)
+        for i, e in enumerate(toks):
+            e.index = i
+    else:
+        toks = tokenize_examples(
+            examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+            truncation_mode=cfg.truncation_mode, chat_template=cfg.chat_template,
+        )
     counts = truncation_counts(toks)
     if any(counts.values()):
         log(f"{name}: truncated {counts} (max_length={cfg.max_length}, "

@@ -1,0 +1,113 @@
+"""Held-out evaluation of an iterate, as a user would judge it (ONLINE.md §0.4 plus answer quality).
+
+For π_t on the fixed held-out prompts (topics never trained on), with the same sampling seed every
+iteration:
+- sampled success (task judge) with its Wilson interval, mean judge score, length, EOS rate;
+- greedy success, and the greedy answers (over-optimisation shows there first);
+- KL to π_0 and to π_{t−1}: mean of ℓ_t(y) − ℓ_ref(y) over the sampled answers (Monte Carlo, on the
+  sampled token ids);
+- fluency: mean per-token NLL of the answers under π_0 (the base model);
+- repetition: distinct-2 over the answers and the share of answers that repeat a line or phrase;
+- win rates against π_{t−1} and π_0: the task judge on sample k of the same prompt, ties ½.
+Every sample is written next to the figures (``heldout.jsonl``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from preftune.online import store
+
+
+def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int) -> dict:
+    from preftune.eval.policy_eval import mean_se, wilson
+    from preftune.eval.quality import distinct_n, repeats
+    from preftune.tasks import word_count
+
+    cfg, policy, task = run.cfg, run.policy, run.task
+    if not run.heldout:
+        return {}
+    gens = run.sample(run.heldout, cfg.heldout_samples, cfg.seed + 1, cfg.resolved("temperature"),
+                      cfg.resolved("top_p"), f"held-out π_{t}")
+    greedy = run.sample(run.heldout, 1, cfg.seed + 1, 0.0, 1.0, f"greedy π_{t}") if cfg.greedy_eval else None
+
+    def judged(g):
+        return [[task.judge(p, s.text, s.finished) for s in row] for p, row in zip(g.prompts, g.samples,
+                                                                                    strict=True)]
+
+    js = judged(gens)
+    flat = [(s, j) for row, jr in zip(gens.samples, js, strict=True) for s, j in zip(row, jr, strict=True)]
+    texts = [s.text for s, _ in flat]
+    pids = gens.prompt_ids
+    rids = [[s.token_ids for s in row] for row in gens.samples]
+    cur = policy.token_logps(pids, rids)
+    base = policy.token_logps(pids, rids, "init")
+    kl_ref = [float(c.sum() - b.sum()) for cs, bs in zip(cur, base, strict=True) for c, b in zip(cs, bs,
+                                                                                                   strict=True)]
+    nll = [float(-b.mean()) for bs in base for b in bs if len(b)]
+    ev: dict = {}
+    rate = wilson(sum(j.success for _, j in flat), len(flat))
+    ev.update(success=rate.value, success_low=rate.low, success_high=rate.high, n=rate.n)
+    ev["task_score"] = mean_se([j.score for _, j in flat]).value
+    words = mean_se([float(word_count(x)) for x in texts])
+    ev.update(len_words=words.value, len_words_se=words.se,
+              len_tokens=mean_se([float(s.num_tokens) for s, _ in flat]).value,
+              eos_rate=sum(s.finished for s, _ in flat) / len(flat))
+    kl = mean_se(kl_ref)
+    ev.update(kl_ref=kl.value if t > 0 else 0.0, kl_ref_se=kl.se if t > 0 else 0.0)
+    if t > 0:
+        prev = policy.token_logps_under(prev_state, pids, rids) if prev_state is not None else base
+        kp = mean_se([float(c.sum() - p.sum()) for cs, ps in zip(cur, prev, strict=True)
+                      for c, p in zip(cs, ps, strict=True)])
+        ev.update(kl_prev=kp.value, kl_prev_se=kp.se)
+    fl = mean_se(nll)
+    ev.update(fluency_nll=fl.value, fluency_nll_se=fl.se, distinct2=distinct_n(texts, 2))
+    rep = wilson(sum(repeats(x) for x in texts), len(texts))
+    ev.update(repeat_rate=rep.value, repeat_low=rep.low, repeat_high=rep.high)
+    rows = _rows(gens, js, "sampled")
+    if greedy is not None:
+        gj = judged(greedy)
+        g_flat = [j for jr in gj for j in jr]
+        gr = wilson(sum(j.success for j in g_flat), len(g_flat))
+        g_texts = [s.text for row in greedy.samples for s in row]
+        ev.update(greedy_success=gr.value, greedy_low=gr.low, greedy_high=gr.high,
+                  greedy_distinct2=distinct_n(g_texts, 2),
+                  greedy_repeat_rate=sum(repeats(x) for x in g_texts) / len(g_texts),
+                  greedy_len_words=mean_se([float(word_count(x)) for x in g_texts]).value)
+        rows += _rows(greedy, gj, "greedy")
+    scores = [[j.score for j in jr] for jr in js]
+    for name, other in (("prev", _previous(run, t)), ("init", _previous(run, 1) if t > 0 else None)):
+        if other is not None:
+            ev[f"winrate_{name}"] = _winrate(scores, other)
+    store.write_jsonl(folder.with_suffix(".heldout.jsonl") if folder.name == "eval_base" else
+                      folder.parent / "heldout.jsonl", rows)
+    return ev
+
+
+def _rows(gens, js, kind: str) -> list[dict]:
+    return [{"kind": kind, "prompt": i, "k": k, "response": s.text, "tokens": s.num_tokens,
+             "finished": s.finished, "score": j.score, "success": j.success}
+            for i, (row, jr) in enumerate(zip(gens.samples, js, strict=True))
+            for k, (s, j) in enumerate(zip(row, jr, strict=True))]
+
+
+def _previous(run, t: int) -> list[list[float]] | None:
+    """Sampled held-out scores of π_{t−1} (read back: nothing is sampled twice)."""
+    from preftune.online.store import IterationDir
+
+    path = run.out / "eval_base.heldout.jsonl" if t <= 1 else IterationDir(run.out, t - 1).file("heldout.jsonl")
+    if not path.exists():
+        return None
+    rows = [r for r in store.read_jsonl(path) if r["kind"] == "sampled"]
+    n = max((r["prompt"] for r in rows), default=-1) + 1
+    out: list[list[float]] = [[] for _ in range(n)]
+    for r in sorted(rows, key=lambda r: (r["prompt"], r["k"])):
+        out[r["prompt"]].append(r["score"])
+    return out
+
+
+def _winrate(new: list[list[float]], old: list[list[float]]) -> float:
+    """Share of (prompt, sample k) where π_new's answer scores above π_old's; ties count ½."""
+    pts = [1.0 if a > b else 0.0 if a < b else 0.5 for ra, rb in zip(new, old, strict=True)
+           for a, b in zip(ra, rb, strict=True)]
+    return sum(pts) / len(pts) if pts else float("nan")

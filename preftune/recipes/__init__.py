@@ -1,0 +1,1 @@
+"""Thin compositions of the library: ``demo`` (the iterative on-policy demo)."""

@@ -1,0 +1,148 @@
+"""The online loop end to end on tiny models, through the CLI: every algorithm for 2 iterations, resume,
+a judge with another tokenizer, and an iteration without pairs."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from preftune.cli import app
+from preftune.online.algorithms import names
+from preftune.tasks import Judgement, Task, register
+from preftune.tasks.base import _REGISTRY
+from preftune.testing import save_tiny_model
+
+TIME_KEYS = ("seconds", "gen_seconds", "judge_seconds", "train_seconds", "tokens/s", "step_time", "elapsed")
+
+
+def _prompts(n, offset=0):
+    return [[{"role": "user", "content": f"Say something about item {i}."}] for i in range(offset, offset + n)]
+
+
+def _register(name, judge):
+    if name not in _REGISTRY:
+        register(Task(name, "test task", lambda: _prompts(40), lambda: _prompts(6, 100), judge))
+
+
+# A graded judge a random tiny model gets varied scores on: the share of 'e' among the letters.
+def _letters(prompt, response, finished=True):
+    letters = [c for c in response.lower() if c.isalpha()]
+    s = sum(c == "e" for c in letters) / len(letters) if letters else 0.0
+    return Judgement(s, s > 0.1, {"letters": len(letters)})
+
+
+_register("tiny_letters", _letters)
+_register("tiny_constant", lambda prompt, response, finished=True: Judgement(0.5, False))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def _run(args):
+    res = CliRunner().invoke(app, ["online", *args])
+    assert res.exit_code == 0, res.output + (repr(res.exception) if res.exception else "")
+    return res
+
+
+QUICK = ["--set", "prompts_per_iteration=4", "--set", "heldout_prompts=3", "--set", "heldout_samples=1",
+         "--set", "max_new_tokens=8", "--set", "batch_size=2", "--set", "learning_rate=1e-3", "--set",
+         "max_length=96", "--set", "max_prompt_length=64", "--set", "progress=false", "--set", "online_batch=2"]
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "iterations.jsonl").read_text().splitlines()]
+
+
+def _untimed(rows):
+    return [{k: v for k, v in r.items() if not k.endswith(TIME_KEYS)} for r in rows]
+
+
+@pytest.mark.parametrize("algorithm", names())
+def test_every_algorithm_two_iterations(tmp_path, tiny_folder, algorithm):
+    out = tmp_path / algorithm
+    _run(["--algorithm", algorithm, "--model", tiny_folder, "--task", "tiny_letters", "--iterations", "2",
+          "--output", str(out), *QUICK])
+    rows = _rows(out)
+    assert [r["iter/t"] for r in rows] == [1, 2]
+    for t, r in enumerate(rows, start=1):
+        it = out / f"iter_{t:02d}"
+        for f in ("samples.jsonl", "judgements.jsonl", "train_input.jsonl", "manifest.json", "policy.safetensors",
+                  "heldout.jsonl"):
+            assert (it / f).exists(), (algorithm, f)
+        assert r["iter/pairs"] > 0 and r["train/steps"] > 0
+        assert 0.0 <= r["eval/success"] <= 1.0 and math.isfinite(r["eval/kl_ref"])
+        samples = [json.loads(x) for x in (it / "samples.jsonl").read_text().splitlines()]
+        assert all(s["token_ids"] for row in samples for s in row["samples"])
+    assert (out / "report.md").exists() and (out / "eval_base.json").exists()
+
+
+def test_acceptance_command_word_limit(tmp_path, tiny_folder):
+    out = tmp_path / "out"
+    _run(["--algorithm", "iterative_dpo", "--model", tiny_folder, "--task", "word_limit", "--iterations", "2",
+          "--output", str(out), *QUICK])
+    assert len(_rows(out)) == 2
+
+
+def test_resume_after_kill_between_phases_gives_the_same_rows(tmp_path, tiny_folder):
+    args = ["--algorithm", "sppo", "--model", tiny_folder, "--task", "tiny_letters", "--iterations", "2", *QUICK]
+    full = tmp_path / "full"
+    _run([*args, "--output", str(full)])
+    # The same run "killed" after iteration 2's judge phase: later phases' files half there, manifest says judge.
+    cut = tmp_path / "cut"
+    _run([*args, "--output", str(cut)])
+    man = cut / "iter_02" / "manifest.json"
+    m = json.loads(man.read_text())
+    m["phases"] = {k: v for k, v in m["phases"].items() if k in ("sample", "judge")}
+    man.write_text(json.dumps(m))
+    (cut / "iter_02" / "train_input.jsonl").write_text('{"half": ')  # a resume must not trust it
+    (cut / "iterations.jsonl").write_text(_rows(cut)[0].__repr__()[:10])
+    _run([*args, "--output", str(cut), "--resume"])
+    assert _untimed(_rows(cut)) == _untimed(_rows(full))
+
+
+def test_existing_output_needs_resume(tmp_path, tiny_folder):
+    out = tmp_path / "o"
+    args = ["--model", tiny_folder, "--task", "tiny_letters", "--iterations", "1", "--output", str(out), *QUICK]
+    _run(args)
+    res = CliRunner().invoke(app, ["online", *args])
+    assert res.exit_code == 2 and "--resume" in res.output
+
+
+def test_iteration_without_pairs_is_reported_and_skipped(tmp_path, tiny_folder):
+    out = tmp_path / "ties"
+    _run(["--model", tiny_folder, "--task", "tiny_constant", "--iterations", "2", "--output", str(out), *QUICK])
+    rows = _rows(out)
+    assert [r["iter/pairs"] for r in rows] == [0, 0]
+    assert all(r["train/skipped"] == "no pairs" and r["train/steps"] == 0 for r in rows)
+    assert all(r["eval/kl_ref"] == pytest.approx(0.0, abs=1e-5) for r in rows)  # π carried over unchanged
+
+
+def test_reward_model_judge_with_another_tokenizer(tmp_path, tiny_folder):
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from preftune.model.tiny import tiny_config, tiny_tokenizer
+    from preftune.reward.model import load_preference_model
+
+    tok = tiny_tokenizer(vocab_size=290)  # other merges: the same text tokenises differently
+    torch.manual_seed(3)
+    cfg = tiny_config(vocab_size=len(tok))
+    cfg.num_labels, cfg.pad_token_id = 1, tok.pad_token_id
+    rm_dir = tmp_path / "rm"
+    LlamaForSequenceClassification(cfg).save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    out = tmp_path / "rmrun"
+    _run(["--model", tiny_folder, "--task", "tiny_letters", "--judge", f"rm:{rm_dir}", "--iterations", "1",
+          "--output", str(out), *QUICK])
+    samples = [json.loads(x) for x in (out / "iter_01" / "samples.jsonl").read_text().splitlines()]
+    judged = [json.loads(x) for x in (out / "iter_01" / "judgements.jsonl").read_text().splitlines()]
+    rm = load_preference_model(rm_dir)
+    for row, j in zip(samples, judged, strict=True):
+        want = rm.score(row["prompt"], [s["text"] for s in row["samples"]]).tolist()
+        assert j["scores"] == pytest.approx(want, abs=1e-5)  # the judge saw text, through its own tokenizer
+    # training used the sampled ids, not a re-tokenisation
+    pairs = [json.loads(x) for x in (out / "iter_01" / "train_input.jsonl").read_text().splitlines()]
+    assert pairs and all(0 <= p["w"] < 4 and 0 <= p["l"] < 4 for p in pairs)
