@@ -375,7 +375,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -395,22 +395,19 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per configuration run")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"), help="JSON results file")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks.png"), help="PNG plot (empty: none)")
-    a = ap.parse_args()
-    if a.child:
-        child(json.loads(a.child))
-        return
+    a = ap.parse_args(argv)
     if a.quick:
         a.shapes, a.steps, a.warmup, a.no_lora = "120/120", 2, 1, True
-    configs = a.configs.split(",") if a.configs else CONFIGS + ([] if a.no_lora else LORA_CONFIGS)
-    import torch
+    return a
 
-    torch.set_num_threads(a.threads)
-    rates = {d: matmul_rate(d) for d in ("float32", "bfloat16")}
-    n_params = model_params(a.model)
+
+def machine_meta(a: argparse.Namespace, rates: dict, n_params: int) -> dict:
+    """What the results depend on besides the code: machine, library versions and the run's settings."""
+    import torch
     import transformers
     import trl
 
-    meta = {
+    return {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "cpu": _cpu_name(),
         "threads": a.threads,
@@ -424,7 +421,11 @@ def main() -> None:
         "warmup": a.warmup,
         "steps": a.steps,
     }
-    print(json.dumps(meta, indent=1), flush=True)
+
+
+def grid(a: argparse.Namespace) -> list[dict]:
+    """One job per (shape, configuration); the LoRA configurations run at ``--lora-shape`` only."""
+    configs = a.configs.split(",") if a.configs else CONFIGS + ([] if a.no_lora else LORA_CONFIGS)
     jobs = []
     for shape in a.shapes.split(","):
         p, r = map(int, shape.split("/"))
@@ -444,12 +445,17 @@ def main() -> None:
                     "logits_chunk": a.logits_chunk,
                 }
             )
+    return jobs
+
+
+def run_grid(jobs: list[dict], repeats: int, timeout: int) -> dict[tuple, list]:
+    """Every job ``repeats`` times, in alternating order (so drift of a shared machine hits all alike)."""
     results: dict[tuple, list] = {}
-    for rep in range(a.repeats):
+    for rep in range(repeats):
         order = jobs if rep % 2 == 0 else jobs[::-1]
         for job in order:
             t = time.perf_counter()
-            res = run_job(job, a.timeout)
+            res = run_job(job, timeout)
             key = (job["prompt"], job["response"], job["config"])
             results.setdefault(key, []).append(res)
             print(
@@ -457,20 +463,40 @@ def main() -> None:
                 f"{json.dumps(res)[:400]}",
                 flush=True,
             )
-    rows = []
-    for job in jobs:
-        runs = results[(job["prompt"], job["response"], job["config"])]
-        good = [x for x in runs if "error" not in x]
-        merged = (
-            {
-                "times": [t for x in good for t in x["times"]],
-                **{k: v for k, v in good[0].items() if k != "times"},
-                "peak_rss_gib": max(x["peak_rss_gib"] for x in good),
-            }
-            if good
-            else runs[0]
-        )
-        rows.append(summarise(job, merged, n_params, rates))
+    return results
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """The repeats of one job as one result: all step times pooled, the highest peak RSS; the first
+    error when no run succeeded."""
+    good = [x for x in runs if "error" not in x]
+    if not good:
+        return runs[0]
+    return {
+        "times": [t for x in good for t in x["times"]],
+        **{k: v for k, v in good[0].items() if k != "times"},
+        "peak_rss_gib": max(x["peak_rss_gib"] for x in good),
+    }
+
+
+def main() -> None:
+    a = parse_args()
+    if a.child:
+        child(json.loads(a.child))
+        return
+    import torch
+
+    torch.set_num_threads(a.threads)
+    rates = {d: matmul_rate(d) for d in ("float32", "bfloat16")}
+    n_params = model_params(a.model)
+    meta = machine_meta(a, rates, n_params)
+    print(json.dumps(meta, indent=1), flush=True)
+    jobs = grid(a)
+    results = run_grid(jobs, a.repeats, a.timeout)
+    rows = [
+        summarise(job, merge_runs(results[(job["prompt"], job["response"], job["config"])]), n_params, rates)
+        for job in jobs
+    ]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table(rows))

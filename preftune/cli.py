@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import typer
+
+from preftune.cli_options import config_command, recipe_argument, set_option
+from preftune.online.config import OnlineConfig
+from preftune.rank.config import RankConfig
+from preftune.reward.config import RewardConfig
+from preftune.train.config import TrainConfig
 
 app = typer.Typer(
     name="preftune",
@@ -10,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -18,52 +27,157 @@ def _root() -> None:
     """preftune: learning from preferences."""
 
 
+# --------------------------------------------------------------------------------------- losses ---
+# Short columns first: cut to an 80-column terminal, a plain line still shows name to arXiv id.
+_HEADERS = ("name", "trains", "reference", "norm", "arXiv", "data", "paper", "defaults")
+_PLAIN_TITLE = 60  # characters of the paper title in the plain format (the full title: md or json)
+_TABLE_WIDTH = 120  # narrower terminals get the plain format by default: the table would fold every cell
+
+
 @app.command("losses")
-def losses_cmd() -> None:
+def losses_cmd(
+    fmt: Literal["table", "plain", "md", "json"] = typer.Option(
+        None,
+        "--format",
+        help="table: for a wide terminal, long cells folded; plain: one line per objective, aligned; "
+        "md: a Markdown table; json: a list of objects "
+        f"(default: table on a terminal at least {_TABLE_WIDTH} columns wide, plain otherwise)",
+        show_default=False,
+    ),
+) -> None:
     """List every objective in the registry: name, paper, data shape, reference need, what it trains, defaults."""
     from rich.console import Console
-    from rich.table import Table
 
     from preftune.losses import all_objectives
 
-    table = Table(title="preftune objectives")
-    for col in ("name", "paper (arXiv)", "data", "reference", "trains", "norm", "defaults"):
-        table.add_column(col, overflow="fold")
-    for o in all_objectives():
-        defaults = ", ".join(f"{k}={v}" for k, v in o.defaults().items())
-        data = o.shape + (f" ({'/'.join(o.columns)})" if o.columns else "") + (
-            f"; inputs: {', '.join(o.inputs)}" if o.inputs else "")
-        table.add_row(o.name, f"{o.paper} ({o.arxiv or '—'})", data, o.reference, o.trains, o.normalisation,
-                      defaults)
-    Console().print(table)
+    rows = [_objective_row(o) for o in all_objectives()]
+    cells = [_cells(r) for r in rows]
+    console = Console()
+    if fmt is None:  # a table where it fits; otherwise one line per objective (cut to the terminal's width)
+        fmt = "table" if console.is_terminal and console.width >= _TABLE_WIDTH else "plain"
+    if fmt == "json":
+        import json
+
+        typer.echo(json.dumps(rows, indent=1, ensure_ascii=False))
+    elif fmt == "table":
+        console.print(_table(cells, with_paper=console.width >= _TABLE_WIDTH))
+    elif fmt == "md":
+        typer.echo(_markdown(cells))
+    else:
+        typer.echo(_plain(cells, width=console.width if console.is_terminal else None))
 
 
-@app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+def _objective_row(o: Any) -> dict[str, Any]:
+    """One objective as data (the json format; the other formats render these)."""
+    return {
+        "name": o.name,
+        "summary": o.summary,
+        "paper": o.paper,
+        "arxiv": o.arxiv,
+        "shape": o.shape,
+        "columns": list(o.columns),
+        "inputs": list(o.inputs),
+        "reference": o.reference,
+        "trains": o.trains,
+        "normalisation": o.normalisation,
+        "defaults": o.defaults(),
+    }
+
+
+def _cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """A row as the text of the columns of ``_HEADERS``."""
+    data = row["shape"] + (f" ({'/'.join(row['columns'])})" if row["columns"] else "")
+    data += f"; inputs: {', '.join(row['inputs'])}" if row["inputs"] else ""
+    defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
+    return (
+        row["name"],
+        row["trains"],
+        row["reference"],
+        row["normalisation"],
+        row["arxiv"] or "—",
+        data,
+        row["paper"],
+        defaults or "—",
+    )
+
+
+def _plain(cells: list[tuple[str, ...]], width: int | None = None) -> str:
+    # One line per objective: aligned columns, titles cut short, the defaults last; on a terminal each
+    # line is cut to its width rather than wrapped.
+    paper = _HEADERS.index("paper")
+    cells = [(*c[:paper], _shorten(c[paper], _PLAIN_TITLE), *c[paper + 1 :]) for c in cells]
+    widths = [max(len(c[i]) for c in [_HEADERS, *cells]) for i in range(len(_HEADERS) - 1)]
+    lines = ["  ".join([*(c[i].ljust(w) for i, w in enumerate(widths)), c[-1]]).rstrip() for c in [_HEADERS, *cells]]
+    return "\n".join(lines if width is None else [_shorten(line, width) for line in lines])
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def _markdown(cells: list[tuple[str, ...]]) -> str:
+    def line(c: tuple[str, ...]) -> str:
+        return "| " + " | ".join(x.replace("|", "\\|") for x in c) + " |"
+
+    return "\n".join([line(_HEADERS), "|" + "---|" * len(_HEADERS), *map(line, cells)])
+
+
+def _table(cells: list[tuple[str, ...]], with_paper: bool) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="preftune objectives", box=box.SIMPLE_HEAD, expand=True)
+    for i, header in enumerate(_HEADERS):
+        longest = max(len(c[i]) for c in [_HEADERS, *cells])
+        if header in ("data", "defaults"):
+            table.add_column(header, overflow="fold", ratio=1, min_width=min(longest, 14))
+        elif header == "paper":
+            if with_paper:  # one line each, cut to the width left
+                table.add_column(header, no_wrap=True, overflow="ellipsis", ratio=2)
+        else:
+            table.add_column(header, no_wrap=True, width=longest)
+    paper = _HEADERS.index("paper")
+    for c in cells:
+        table.add_row(*(c if with_paper else c[:paper] + c[paper + 1 :]))
+    return table
+
+
+# ---------------------------------------------------------------------------------------- train ---
+# Options of both training commands; any other field of their config is reachable with --set.
+_RUN_FLAGS = (
+    "model",
+    "data",
+    "eval_data",
+    "loss",
+    ("output", "-o"),
+    "max_steps",
+    "batch_size",
+    "learning_rate",
+    "precision",
+    "lora",
+    "resume",
+    "skip_invalid",
+)
+
+
+@config_command(app, "train", TrainConfig, *_RUN_FLAGS, "beta")
 def train_cmd(
-    config: str = typer.Argument(None, help="YAML recipe (see configs/); flags and --set override it"),
-    model: str = typer.Option(None, "--model", help="HF folder, hub id, .gguf file or smollm2-135m-instruct"),
-    data: str = typer.Option(None, "--data", help="training data (.jsonl, .json, .parquet or dataset folder)"),
-    loss: str = typer.Option(None, "--loss", help="objective name (see `preftune losses`)"),
-    beta: float = typer.Option(None, "--beta", help="the objective's beta"),
-    output: str = typer.Option(None, "--output", "-o", help="output folder"),
-    max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps"),
-    lora: bool = typer.Option(None, "--lora/--no-lora", help="train LoRA adapters"),
-    resume: bool = typer.Option(None, "--resume", help="continue from the latest checkpoint in the output folder"),
-    skip_invalid: bool = typer.Option(None, "--skip-invalid", help="drop invalid records instead of failing"),
-    set_: list[str] = typer.Option(None, "--set", help="any config field: --set key=value (repeatable)"),
+    config: str = recipe_argument(),
+    set_: list[str] = set_option(TrainConfig),
+    *,
+    overrides: dict[str, Any],
 ) -> None:
     """Train a policy on preference data with any registered objective."""
     from preftune.train.config import load_config, parse_set
     from preftune.train.trainer import train
 
-    overrides = dict(model=model, data=data, loss=loss, beta=beta, output=output, max_steps=max_steps,
-                     lora=lora, resume=resume, skip_invalid=skip_invalid)
     with _user_errors():
-        overrides.update(parse_set(set_ or []))
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, {**overrides, **parse_set(set_ or [])})
         result = train(cfg)
-    typer.echo(f"done: {result.steps} steps; metrics in {result.output_dir / 'metrics.jsonl'}"
-               + (f"; model in {result.model_dir}" if result.model_dir else ""))
+    typer.echo(
+        f"done: {result.steps} steps; metrics in {result.output_dir / 'metrics.jsonl'}"
+        + (f"; model in {result.model_dir}" if result.model_dir else "")
+    )
 
 
 class _user_errors:
@@ -95,48 +209,40 @@ class _user_errors:
 
 
 # ---------------------------------------------------------------- rank (owner: preftune/rank) ---
-def _rank_opt(name: str, *flags: str):
-    """A flag whose default and help come from RankConfig's field (one source of truth)."""
-    from preftune.rank.config import RankConfig
-
-    f = RankConfig.model_fields[name]
-    default = ",".join(f.default) if name == "formats" else f.default
-    return typer.Option(default, *flags, help=f.description, show_default=name != "scale")
-
-
-@app.command("rank")
+@config_command(
+    app,
+    "rank",
+    RankConfig,
+    "file",
+    "method",
+    "ties",
+    "l2",
+    "bootstrap",
+    "ci",
+    "seed",
+    "anchor",
+    "anchor_rating",
+    "base",
+    "scale",
+    "k_factor",
+    "judge",
+    "self_comparisons",
+    ("output", "-o"),
+    ("formats", "--format"),
+)
 def rank_cmd(
-    ctx: typer.Context,
-    file: str = typer.Argument(..., help="JSONL of comparisons or rankings (see --help of each flag)"),
-    method: str = _rank_opt("method", "--method"),
-    ties: str = _rank_opt("ties", "--ties"),
-    l2: float = _rank_opt("l2", "--l2"),
-    bootstrap: int = _rank_opt("bootstrap", "--bootstrap"),
-    ci: float = _rank_opt("ci", "--ci"),
-    seed: int = _rank_opt("seed", "--seed"),
-    anchor: str = _rank_opt("anchor", "--anchor"),
-    anchor_rating: float = _rank_opt("anchor_rating", "--anchor-rating"),
-    base: float = _rank_opt("base", "--base"),
-    scale: float = _rank_opt("scale", "--scale"),
-    k_factor: float = _rank_opt("k_factor", "--k-factor"),
-    judge: str = _rank_opt("judge", "--judge"),
-    self_comparisons: str = _rank_opt("self_comparisons", "--self-comparisons"),
-    output: str = _rank_opt("output", "--output", "-o"),
-    formats: str = _rank_opt("formats", "--format"),
     config: str = typer.Option(None, "--config", help="YAML RankConfig; explicit flags override it"),
+    *,
+    overrides: dict[str, Any],
 ) -> None:
     """Rank systems from side-by-side comparisons or rankings: Bradley-Terry, Davidson, Elo, Plackett-Luce."""
-    from click.core import ParameterSource
     from pydantic import ValidationError
 
     from preftune.rank.api import run_rank
-    from preftune.rank.config import RankConfig
     from preftune.rank.io import RankError
 
-    given = {k: v for k, v in ctx.params.items() if k != "config" and (
-        ctx.get_parameter_source(k) != ParameterSource.DEFAULT or config is None)}
     try:
-        cfg = RankConfig.from_yaml(config, **given) if config else RankConfig(**given)
+        cfg = RankConfig.from_yaml(config, **overrides) if config else RankConfig(**overrides)
         run_rank(cfg)
     except ValidationError as e:
         msgs = [f"  --{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors()]
@@ -145,24 +251,38 @@ def rank_cmd(
     except RankError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
 # ------------------------------------------------------------------------------- end of rank ---
 
 
-@app.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
+@config_command(
+    app,
+    "demo",
+    OnlineConfig,
+    ("output", "-o"),
+    "model",
+    "task",
+    "algorithm",
+    "iterations",
+    "loss",
+    "beta",
+    "seed",
+    "threads",
+    "resume",
+)
 def demo_cmd(
-    output: str = typer.Option(None, "--output", "-o", help="run folder (default runs/demo-<timestamp>)"),
     quick: bool = typer.Option(False, "--quick", help="tiny random model, seconds: every phase, for tests"),
-    set_: list[str] = typer.Option(None, "--set", help="any DemoConfig field: --set key=value (repeatable)"),
+    set_: list[str] = set_option(OnlineConfig),
+    *,
+    overrides: dict[str, Any],
 ) -> None:
-    """On-policy DPO with LoRA on SmolLM2-135M-Instruct and a judged task; report before vs after."""
-    from preftune.tasks.demo import DemoConfig, run_demo
+    """Iterative on-policy DPO with LoRA on SmolLM2-135M-Instruct and a judged task; report before vs after."""
+    from preftune.recipes.demo import demo_config, run_demo
     from preftune.train.config import parse_set
 
     with _user_errors():
-        overrides = parse_set(set_ or [])
-        if output is not None:
-            overrides["output"] = output
-        cfg = DemoConfig.quick(**overrides) if quick else DemoConfig(**overrides)
+        cfg = demo_config(quick, **overrides, **parse_set(set_ or []))
         run_demo(cfg, log=typer.echo)
 
 
@@ -171,35 +291,33 @@ reward_app = typer.Typer(help="Reward and preference models: Bradley–Terry, re
 app.add_typer(reward_app, name="reward")
 
 
-@reward_app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+def _reward_objectives() -> str:
+    from preftune.losses import all_objectives
+
+    return "(" + ", ".join(o.name for o in all_objectives() if o.trains == "reward_model") + ")"
+
+
+@config_command(reward_app, "train", RewardConfig, *_RUN_FLAGS, more_help={"loss": _reward_objectives})
 def reward_train_cmd(
-    config: str = typer.Argument(None, help="YAML recipe (configs/reward_*.yaml); flags and --set override it"),
-    model: str = typer.Option(None, "--model", help="HF folder, hub id, .gguf file or smollm2-135m-instruct"),
-    data: str = typer.Option(None, "--data", help="pairs or ratings (.jsonl, .json, .parquet, dataset folder)"),
-    eval_data: str = typer.Option(None, "--eval-data", help="held-out data (default: eval_fraction of --data)"),
-    loss: str = typer.Option(None, "--loss", help="rm_bt, rm_bt_margin, rm_bt_scaled, rm_regression or rm_gpm"),
-    output: str = typer.Option(None, "--output", "-o", help="output folder"),
-    max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps"),
-    lora: bool = typer.Option(None, "--lora/--no-lora", help="train LoRA adapters (+ the head); saved merged"),
-    resume: bool = typer.Option(None, "--resume", help="continue from the latest checkpoint in the output folder"),
-    skip_invalid: bool = typer.Option(None, "--skip-invalid", help="drop invalid records instead of failing"),
-    set_: list[str] = typer.Option(None, "--set", help="any RewardConfig field: --set key=value (repeatable)"),
+    config: str = recipe_argument("configs/reward_*.yaml"),
+    set_: list[str] = set_option(RewardConfig),
+    *,
+    overrides: dict[str, Any],
 ) -> None:
     """Train a reward / preference model; reports held-out pairwise accuracy (eval/rewards/accuracies)."""
     from preftune.reward.config import load_reward_config
     from preftune.reward.trainer import train_reward
     from preftune.train.config import parse_set
 
-    overrides = dict(model=model, data=data, eval_data=eval_data, loss=loss, output=output,
-                     max_steps=max_steps, lora=lora, resume=resume, skip_invalid=skip_invalid)
     with _user_errors():
-        overrides.update(parse_set(set_ or []))
-        cfg = load_reward_config(config, overrides)
+        cfg = load_reward_config(config, {**overrides, **parse_set(set_ or [])})
         result = train_reward(cfg)
     final = {k: v for row in result.metrics for k, v in row.items() if k.startswith("eval/")}
     acc = final.get("eval/rewards/accuracies")
-    typer.echo(f"done: {result.steps} steps; metrics in {result.output_dir / 'metrics.jsonl'}"
-               + (f"; model in {result.model_dir}" if result.model_dir else ""))
+    typer.echo(
+        f"done: {result.steps} steps; metrics in {result.output_dir / 'metrics.jsonl'}"
+        + (f"; model in {result.model_dir}" if result.model_dir else "")
+    )
     if acc is not None:
         typer.echo(f"held-out pairwise accuracy: {acc:.4f} (eval loss {final.get('eval/loss', float('nan')):.4f})")
     elif "eval/loss" in final:
@@ -207,12 +325,18 @@ def reward_train_cmd(
         typer.echo(f"held-out loss: {final['eval/loss']:.4f}{mae}")
 
 
-@app.command("judge", context_settings={"help_option_names": ["-h", "--help"]})
+@app.command("judge")
 def judge_cmd(
-    file: str = typer.Argument(..., help='JSONL rows {"prompt", "responses": {system: text}} '
-                               'or {"prompt", "a", "b", "model_a", "model_b"}'),
-    judge: str = typer.Option(..., "--judge", "-j", help="task:NAME (built-in task), rm:PATH (reward or GPM "
-                              "model folder), llm:MODEL (local chat model, asked A or B in both orders)"),
+    file: str = typer.Argument(
+        ..., help='JSONL rows {"prompt", "responses": {system: text}} or {"prompt", "a", "b", "model_a", "model_b"}'
+    ),
+    judge: str = typer.Option(
+        ...,
+        "--judge",
+        "-j",
+        help="task:NAME (built-in task), rm:PATH (reward or GPM "
+        "model folder), llm:MODEL (local chat model, asked A or B in both orders)",
+    ),
     output: str = typer.Option("comparisons.jsonl", "--output", "-o", help="comparisons (input of preftune rank)"),
     tie_margin: float = typer.Option(0.0, "--tie-margin", min=0.0, max=0.5, help="|P(a ≻ b) − ½| ≤ this: a tie"),
 ) -> None:
@@ -223,6 +347,8 @@ def judge_cmd(
         rows = judge_file(file, output, make_judge(judge), tie_margin=tie_margin)
     wins = {w: sum(r["winner"] == w for r in rows) for w in ("a", "b", "tie")}
     typer.echo(f"{len(rows)} comparisons ({wins['a']} a, {wins['b']} b, {wins['tie']} tie) written to {output}")
+
+
 # ------------------------------------------------------------------------ end of reward, judge ---
 
 
