@@ -197,17 +197,8 @@ def run_preftune(job: dict) -> dict:
     obj = cfg.objective()
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=True)
     policy, ref_model = loop.setup_models(cfg, model)
-    runner = loop.Runner(
-        cfg,
-        obj,
-        obj.resolve(cfg.loss_hyperparameters()),
-        acc,
-        policy,
-        ref_model,
-        tok,
-        TokenizedSet(examples, "bench"),
-        None,
-    )
+    forward = loop.PolicyForward(cfg, obj, obj.resolve(cfg.loss_hyperparameters()), policy, ref_model, tok)
+    runner = loop.Runner(cfg, forward, acc, tok, TokenizedSet(examples, "bench"), None)
     # (the Runner precomputes the reference log-probs, or loads them from the cache, before step 0)
     times, first = [], None
     for _ in range(cfg.max_steps):

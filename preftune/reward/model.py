@@ -118,6 +118,7 @@ def apply_reward_lora(model, cfg):
     from peft import LoraConfig, get_peft_model
 
     from preftune.model import LoraSettings
+    from preftune.model.lora import quiet_peft_deprecations
 
     s = LoraSettings(
         r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target
@@ -130,7 +131,8 @@ def apply_reward_lora(model, cfg):
         bias=s.bias,
         task_type="SEQ_CLS",
     )
-    return get_peft_model(model, config)
+    with quiet_peft_deprecations():  # peft's own read of a deprecated transformers alias
+        return get_peft_model(model, config)
 
 
 def plain_model(model):

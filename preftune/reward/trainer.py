@@ -1,6 +1,6 @@
-"""`preftune reward train`: the policy trainer's loop (train/loop.py ``Runner``) with a scoring forward.
+"""`preftune reward train`: the one training loop (train/loop.py ``Runner``) with a scoring forward.
 
-Only two things differ from policy training, so only they are written here:
+``ScoreForward`` is all that differs from policy training:
 
 - the forward: each (prompt, response) is one sequence through the seq-cls model; its head outputs
   (B·K, L) become rewards (B, K) (BT), ratings (B, A) (regression) or embeddings (B, 2, 2k) (GPM),
@@ -8,14 +8,13 @@ Only two things differ from policy training, so only they are written here:
   ``rm_gpm``; losses/reward.py) turns them into per-example losses;
 - the final save: a plain ``AutoModelForSequenceClassification`` folder (LoRA merged).
 
-Order, micro-batches, the exact global-batch reduction, evaluation, metrics, checkpoints and resume
-are ``Runner``'s. ``eval/rewards/accuracies`` is the held-out pairwise accuracy (GPM: s(y_w ≻ y_l) > 0).
+Order, micro-batches, the exact global-batch reduction, the optimizer, evaluation, metrics,
+checkpoints and resume are ``Runner``'s. ``eval/rewards/accuracies`` is the held-out pairwise
+accuracy (GPM: s(y_w ≻ y_l) > 0).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ from preftune.reward.model import (
     pad_right,
     plain_model,
 )
-from preftune.train.loop import Runner, disable_dropout
-from preftune.train.trainer import TrainResult, make_optimizer, steps_for
+from preftune.train.loop import Forward, Micro, Runner, disable_dropout
+from preftune.train.trainer import TrainResult, open_output, run_to_end, start_run
 
 
 class ScoreEngine(torch.nn.Module):
@@ -43,63 +42,32 @@ class ScoreEngine(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """What the loop's metric accumulator needs to know of a batch (no log-probs to log here)."""
+class ScoreForward(Forward):
+    """A seq-cls model's head outputs per (prompt, response) → a registered reward objective."""
 
-    batch_size: int
-    num_responses: int = 0
-
-
-class RewardRunner(Runner):
-    def __init__(self, cfg: RewardConfig, acc, model, tokenizer, train_set, eval_set):
-        # Runner's attributes, set up for a scoring model: no reference, no log-prob engine.
-        self.cfg, self.obj, self.acc = cfg, cfg.objective(), acc
+    def __init__(self, cfg: RewardConfig, model):
+        self.cfg, self.obj = cfg, cfg.objective()
         self.params = self.obj.resolve(cfg.loss_hyperparameters())
-        self.tokenizer, self.train_set, self.eval_set = tokenizer, train_set, eval_set
-        self.pad_id = model.config.pad_token_id
-        self.ref_mode, self.need_tokens, self.loss_state, self.ref_model, self.ref_caches = (
-            "none",
-            False,
-            None,
-            None,
-            {},
-        )
-        self.world = acc.num_processes
-        self.total, self.per_epoch = steps_for(cfg, len(train_set), self.world)
-        self.step, self.history = 0, []
+        self.pad_id = model.config.pad_token_id  # the head pools at the last non-pad token
+        self.engine = ScoreEngine(model)
+        self.loss_state = self.obj.state() if self.obj.state is not None else None
 
-        model.train()
-        opt, sched = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], self.total)
-        self.engine, self.opt, self.sched = acc.prepare(ScoreEngine(model), opt, sched)
-        self.base_engine = acc.unwrap_model(self.engine)
-        self.out = cfg.output_dir
-        self.ckpt_root = self.out / "checkpoints"
-
-    def forward_loss(self, dataset, indices: list[int], grad: bool):
+    def __call__(self, runner: Runner, dataset, indices: list[int], grad: bool) -> Micro:
         from preftune.data import collate
 
         batch = collate([dataset.examples[i] for i in indices])
         b, k = batch.batch_size, batch.num_responses
-        ids, mask = pad_right(
-            group_sequences(batch.prompt_ids, batch.response_ids), self.pad_id, self.acc.device
-        )
-        with torch.set_grad_enabled(grad), self.acc.autocast():
-            out = self.engine(ids, mask)  # (B·K, L)
+        ids, mask = pad_right(group_sequences(batch.prompt_ids, batch.response_ids), self.pad_id, runner.acc.device)
+        with torch.set_grad_enabled(grad), runner.acc.autocast():
+            out = runner.engine(ids, mask)  # (B·K, L)
         out = out.float().view(b, k, -1)  # (B, K, L)
         inputs = {n: t.to(out.device) for n, t in batch.inputs.items()}
-        result = objective_output(self.cfg, self.obj, self.params, out, inputs)
-        return result, _Rows(b), batch
+        return Micro(objective_output(self.cfg, self.obj, self.params, out, inputs), None, batch)
 
-    def save_final(self) -> Path | None:
+    def save_final(self, model, tokenizer, target: Path) -> None:
         from preftune.model import save_final
 
-        self.acc.wait_for_everyone()
-        target = self.out / "model"
-        if self.acc.is_main_process:
-            save_final(plain_model(self.base_engine.model), self.tokenizer, target, overwrite=True)
-        self.acc.wait_for_everyone()
-        return target
+        save_final(plain_model(model), tokenizer, target, overwrite=True)
 
 
 def objective_output(cfg: RewardConfig, obj, params: dict, out: torch.Tensor, inputs: dict):
@@ -132,16 +100,11 @@ def objective_output(cfg: RewardConfig, obj, params: dict, out: torch.Tensor, in
 
 def build_reward_runner(
     cfg: RewardConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None
-):
+) -> Runner:
     """Data (validated and tokenised before anything is written), model, optimizer, output folder."""
-    from accelerate.utils import set_seed
-
     from preftune.reward import data as reward_data
-    from preftune.train.trainer import make_accelerator
 
-    no_accel = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    acc = make_accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
-    set_seed(cfg.seed)
+    acc = start_run(cfg)
     if tokenizer is None:
         from preftune.model import load_tokenizer
 
@@ -163,12 +126,8 @@ def build_reward_runner(
     if cfg.lora:
         torch.manual_seed(cfg.seed)
         model = apply_reward_lora(model, cfg)
-    out = cfg.output_dir
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "reward_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-    acc.wait_for_everyone()
-    return RewardRunner(cfg, acc, model, tokenizer, train_set, eval_set)
+    open_output(cfg, acc, "reward_config.json")
+    return Runner(cfg, ScoreForward(cfg, model), acc, tokenizer, train_set, eval_set)
 
 
 def train_reward(
@@ -182,6 +141,4 @@ def train_reward(
     runner = build_reward_runner(
         cfg, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer, model=model
     )
-    runner.run()
-    model_dir = runner.save_final() if cfg.save_model else None
-    return TrainResult(cfg.output_dir, model_dir, runner.step, runner.history, runner.base_engine.model)
+    return run_to_end(runner)

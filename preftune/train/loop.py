@@ -1,19 +1,33 @@
-"""The optimisation loop: one screenful per phase (setup, step, evaluate, checkpoint, save)."""
+"""The one training loop, for a policy or a reward model: one screenful per phase (setup, step,
+evaluate, checkpoint, save).
+
+What differs between the two is the ``Forward``, one micro-batch of examples → the objective's output:
+``PolicyForward`` (here) runs the log-prob engine and the reference; ``ScoreForward``
+(reward/trainer.py) runs a sequence-classification head. ``Runner`` owns everything else, once: the
+optimizer, data order, the exact global-batch reduction, metrics, evaluation, checkpoints and resume.
+"""
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import copy
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from preftune.losses.base import LossOutput, PolicyStats
 from preftune.model.engine import LogProbEngine, live_reference_inputs, pack, policy_stats, reference_stats
 from preftune.train import checkpoint as ckpt
 from preftune.train.config import TrainConfig
 from preftune.train.inputs import provide_inputs
 from preftune.train.outputs import MetricsLogger, plot_metrics
 from preftune.train.trainer import make_optimizer, now, steps_for
+
+if TYPE_CHECKING:
+    from preftune.data.collate import GroupBatch
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -28,7 +42,9 @@ def setup_models(cfg: TrainConfig, model):
     if cfg.disable_dropout:
         disable_dropout(model)
     ref = None
-    if cfg.lora:
+    if cfg.lora and hasattr(model, "peft_config"):
+        pass  # already adapted (the online loop's iterate): its adapter trains on, the base stays the reference
+    elif cfg.lora:
         from preftune.model import LoraSettings, apply_lora
 
         torch.manual_seed(cfg.seed)
@@ -74,33 +90,137 @@ def _checkpointed(cfg: TrainConfig, model):
     return model
 
 
-class Runner:
-    def __init__(self, cfg: TrainConfig, obj, params, acc, policy, ref_model, tokenizer, train_set, eval_set):
-        self.cfg, self.obj, self.params, self.acc = cfg, obj, params, acc
-        self.tokenizer, self.train_set, self.eval_set = tokenizer, train_set, eval_set
+class Micro(NamedTuple):
+    """One micro-batch through a forward."""
+
+    result: LossOutput  # the objective's per-example losses, rewards and metrics
+    stats: PolicyStats | None  # the policy's log-prob statistics; None for a scoring model
+    batch: GroupBatch  # the collated examples (their count and unique tokens)
+
+
+class Forward(abc.ABC):
+    """What a model brings to the loop: one micro-batch of examples → the objective's output.
+
+    ``engine`` is the trained module, the model at ``engine.model``: the Runner builds the optimizer
+    over its trainable parameters, has accelerate wrap it, and checkpoints ``engine.model``. A forward
+    computes through the wrapped ``runner.engine``, so DDP's gradient hooks see the computation.
+    """
+
+    engine: torch.nn.Module
+    pad_id: int
+    loss_state = None  # the objective's running state (BCO's δ, β-DPO's EMAs), checkpointed; None: stateless
+
+    def attach(self, runner: Runner) -> None:  # noqa: B027 (a hook; most forwards need nothing here)
+        """Once, after accelerate has prepared the engine and before any step or resume."""
+
+    @abc.abstractmethod
+    def __call__(self, runner: Runner, dataset, indices: list[int], grad: bool) -> Micro:
+        """Examples ``indices`` of ``dataset`` → the objective's output (gradients only if ``grad``)."""
+
+    @abc.abstractmethod
+    def save_final(self, model, tokenizer, target: Path) -> None:
+        """Write the trained (unwrapped) ``model`` to ``target``; called on the main process only."""
+
+
+class PolicyForward(Forward):
+    """A causal LM's response log-probs, and the reference's, → a registered preference objective.
+
+    The reference (``TrainConfig.reference``) is a frozen copy (``ref_model``), the base model with the
+    LoRA adapter disabled, or log-probs computed before the first step and cached on disk.
+    """
+
+    def __init__(self, cfg: TrainConfig, obj, params: dict, policy, ref_model, tokenizer):
+        self.cfg, self.obj, self.params = cfg, obj, params
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.engine = LogProbEngine(policy, cfg.logits_chunk, prefix_sharing=cfg.prefix_sharing, fused_head=cfg.compile)
         self.ref_mode = cfg.resolved_reference()
+        self.ref_model = ref_model
         self.need_tokens = obj.token_level  # per-token log-probs of policy and reference (registry)
         self.loss_state = obj.state() if obj.state is not None else None
+        self.ref_caches: dict = {}
+
+    def attach(self, runner: Runner) -> None:
+        if self.ref_model is not None:
+            self.ref_model = self.ref_model.to(runner.acc.device)
+        # Before anything trains (and before a resume loads trained weights): with a full fine-tune
+        # and no frozen copy, the untouched policy is the reference.
+        if self.ref_mode == "precompute":
+            for ds in (runner.train_set, runner.eval_set):
+                if ds is not None and ds.name not in self.ref_caches:  # a caller may hand the cache in
+                    self.ref_caches[ds.name] = precompute_reference(self, runner, ds)
+
+    def __call__(self, runner: Runner, dataset, indices: list[int], grad: bool) -> Micro:
+        from preftune.data import collate
+
+        acc, engine = runner.acc, runner.base_engine
+        batch = collate([dataset.examples[i] for i in indices])
+        packed = pack(batch.prompt_ids, batch.response_ids, self.pad_id, device=acc.device,
+                      share_prefix=engine.shares_prefix())
+        extra = {}
+        if self.ref_mode == "live" and self.obj.reference == "live_logits":
+            extra = live_reference_inputs(engine, packed, self.ref_model)
+        with torch.set_grad_enabled(grad), acc.autocast():
+            out = runner.engine(**packed.tensors(), **extra)
+        policy, ref = policy_stats(packed, out, need_tokens=self.need_tokens, inputs=batch.inputs)
+        if ref is None and self.ref_mode != "none":
+            ref = self.reference_for(runner, dataset, indices, packed)
+        policy.inputs.update(provide_inputs(runner, self.obj, batch, packed, policy, ref))  # train/inputs.py
+        kwargs = dict(self.params)
+        if self.loss_state is not None:  # read-only while the Runner evaluates
+            kwargs["state"] = self.loss_state
+        result = self.obj.fn(policy.to(torch.float32), ref.to(torch.float32) if ref is not None else None, **kwargs)
+        return Micro(result, policy, batch)
+
+    def reference_for(self, runner: Runner, dataset, indices: list[int], packed):
+        if dataset.name in self.ref_caches:
+            return self.ref_caches[dataset.name].batch(indices, packed.K, self.need_tokens, device=runner.acc.device)
+        with runner.acc.autocast():
+            return reference_stats(runner.base_engine, packed, self.ref_model, self.need_tokens)
+
+    def save_final(self, model, tokenizer, target: Path) -> None:
+        from preftune.model import save_final
+
+        save_final(model, tokenizer, target, merge_lora=self.cfg.merge_lora, overwrite=True)
+
+
+class Runner:
+    """The loop: micro-batches of ``train_set`` through ``forward``; one optimizer step per global batch."""
+
+    def __init__(self, cfg, forward: Forward, acc, tokenizer, train_set, eval_set):
+        self.cfg, self.forward, self.acc = cfg, forward, acc
+        self.tokenizer, self.train_set, self.eval_set = tokenizer, train_set, eval_set
+        self.loss_state = forward.loss_state
         self.world = acc.num_processes
         self.total, self.per_epoch = steps_for(cfg, len(train_set), self.world)
         self.step, self.history = 0, []
-
-        policy.train()
-        opt, sched = make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], self.total)
-        engine = LogProbEngine(policy, cfg.logits_chunk, prefix_sharing=cfg.prefix_sharing, fused_head=cfg.compile)
-        self.engine, self.opt, self.sched = acc.prepare(engine, opt, sched)
-        self.base_engine = acc.unwrap_model(self.engine)
-        self.ref_model = ref_model.to(acc.device) if ref_model is not None else None
         self.out = cfg.output_dir
         self.ckpt_root = self.out / "checkpoints"
-        # Before anything trains (and before a resume loads trained weights): with a full fine-tune
-        # and no frozen copy, the untouched policy is the reference.
-        self.ref_caches = {}
-        if self.ref_mode == "precompute":
-            for ds in (train_set, eval_set):
-                if ds is not None:
-                    self.ref_caches[ds.name] = precompute_reference(self, ds)
+        self.clock = now()  # when the run started (run() restarts it; a resume carries the elapsed time on)
+
+        forward.engine.train()
+        trainable = [p for p in forward.engine.parameters() if p.requires_grad]
+        opt, sched = make_optimizer(cfg, trainable, self.total)
+        self.engine, self.opt, self.sched = acc.prepare(forward.engine, opt, sched)
+        self.base_engine = acc.unwrap_model(self.engine)
+        forward.attach(self)
+
+    # The policy forward's pad id and reference, where train/inputs.py's providers read them and a
+    # caller may swap the reference model.
+    @property
+    def pad_id(self) -> int:
+        return self.forward.pad_id
+
+    @property
+    def ref_mode(self) -> str:
+        return self.forward.ref_mode
+
+    @property
+    def ref_model(self):
+        return self.forward.ref_model
+
+    @ref_model.setter
+    def ref_model(self, model) -> None:
+        self.forward.ref_model = model
 
     # ------------------------------------------------------------------ data order
     def order(self, epoch: int) -> list[int]:
@@ -122,58 +242,52 @@ class Runner:
         micro = [mine[i : i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
         return [m for m in micro if m], len(global_idx)
 
-    # ------------------------------------------------------------------ one micro-batch
-    def forward_loss(self, dataset, indices: list[int], grad: bool):
-        from preftune.data import collate
-
-        batch = collate([dataset.examples[i] for i in indices])
-        packed = pack(batch.prompt_ids, batch.response_ids, self.pad_id, device=self.acc.device,
-                      share_prefix=self.base_engine.shares_prefix())
-        extra = {}
-        if self.ref_mode == "live" and self.obj.reference == "live_logits":
-            extra = live_reference_inputs(self.base_engine, packed, self.ref_model)
-        with torch.set_grad_enabled(grad), self.acc.autocast():
-            out = self.engine(**packed.tensors(), **extra)
-        policy, ref = policy_stats(packed, out, need_tokens=self.need_tokens, inputs=batch.inputs)
-        if ref is None and self.ref_mode != "none":
-            ref = self.reference_for(dataset, indices, packed)
-        policy.inputs.update(provide_inputs(self, self.obj, batch, packed, policy, ref))  # train/inputs.py
-        kwargs = dict(self.params)
-        if self.loss_state is not None:
-            kwargs["state"] = self.loss_state if grad else None
-        result = self.obj.fn(policy.to(torch.float32), ref.to(torch.float32) if ref is not None else None, **kwargs)
-        return result, policy, batch
-
-    def reference_for(self, dataset, indices, packed):
-        if dataset.name in self.ref_caches:
-            return self.ref_caches[dataset.name].batch(indices, packed.K, self.need_tokens, device=self.acc.device)
-        with self.acc.autocast():
-            return reference_stats(self.base_engine, packed, self.ref_model, self.need_tokens)
+    def forward_loss(self, dataset, indices: list[int], grad: bool) -> Micro:
+        return self.forward(self, dataset, indices, grad)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
-        micro, n_global = self.step_micro_batches(self.step)
+        return self._step(*self.step_micro_batches(self.step))
+
+    def step_on(self, examples, ref_cache=None) -> dict[str, float]:
+        """One optimizer step on all of ``examples`` (one global batch), for loops that make fresh data for
+        every step (online DPO); ``ref_cache`` holds their reference log-probs in the same order."""
+        from preftune.train.data_prep import TokenizedSet
+
+        for i, e in enumerate(examples):
+            e.index = i
+        self.train_set = TokenizedSet(list(examples), "train")
+        if ref_cache is not None:
+            self.forward.ref_caches["train"] = ref_cache
+        mine = list(range(len(examples)))[self.acc.process_index :: self.world]
+        bs = self.cfg.batch_size
+        metrics = self._step([mine[i : i + bs] for i in range(0, len(mine), bs)], len(examples))
+        self.step += 1
+        self.history.append({"step": self.step, **metrics})
+        return metrics
+
+    def _step(self, micro: list[list[int]], n_global: int) -> dict[str, float]:
         sums: dict[str, torch.Tensor] = {}
         t0, tokens = now(), 0
         for i, indices in enumerate(micro):
             sync = i == len(micro) - 1
             ctx = self.acc.no_sync(self.engine) if not sync else contextlib.nullcontext()
             with ctx:
-                result, policy, batch = self.forward_loss(self.train_set, indices, grad=True)
+                out = self.forward_loss(self.train_set, indices, grad=True)
                 # Sum here, divide by the global example count: exact mean over the global batch.
-                loss = result.losses.sum() / n_global * self.world
+                loss = out.result.losses.sum() / n_global * self.world
                 self.acc.backward(loss)
-            tokens += batch.num_tokens
-            _accumulate(sums, result, policy)
+            tokens += out.batch.num_tokens
+            _accumulate(sums, out.result, out.batch.batch_size, _logps(out))
         grad_norm = self.clip()
         lr = self.sched.get_last_lr()[0]  # the rate this update uses
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         metrics = self.reduce(sums)
-        elapsed = now() - t0
+        step_time = now() - t0
         tok_total = float(self.acc.reduce(torch.tensor(float(tokens), device=self.acc.device), "sum"))
-        metrics.update(grad_norm=grad_norm, lr=lr, **{"tokens/s": tok_total / elapsed})
+        metrics.update(grad_norm=grad_norm, lr=lr, step_time=step_time, **{"tokens/s": tok_total / step_time})
         return metrics
 
     def clip(self) -> float:
@@ -193,21 +307,41 @@ class Runner:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.engine.eval()
         sums: dict[str, torch.Tensor] = {}
-        n = len(self.eval_set)
-        idx = list(range(self.acc.process_index, n, self.world))
-        for s in range(0, len(idx), self.cfg.batch_size):
-            result, policy, _ = self.forward_loss(self.eval_set, idx[s : s + self.cfg.batch_size], grad=False)
-            _accumulate(sums, result, policy)
-        self.engine.train()
+        idx, counted = eval_shard(len(self.eval_set), self.world, self.acc.process_index)
+        bs = self.cfg.batch_size
+        with self.evaluating():
+            for s in range(0, len(idx), bs):
+                out = self.forward_loss(self.eval_set, idx[s : s + bs], grad=False)
+                _accumulate(sums, out.result, out.batch.batch_size, _logps(out), counted=counted[s : s + bs])
         return {"eval/" + k: v for k, v in self.reduce(sums).items()}
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode, with the objective's state read and not updated: ``training = False`` makes it
+        use its running statistics without folding the eval batches in, and the snapshot put back
+        afterwards also undoes what evaluation drew from its sampler (β-DPO), so training goes on
+        exactly as if it had not evaluated."""
+        state = self.loss_state
+        snapshot = copy.deepcopy(state.state_dict()) if state is not None else None
+        was_training = state.training if state is not None else None
+        self.engine.eval()
+        if state is not None:
+            state.training = False
+        try:
+            yield
+        finally:
+            self.engine.train()
+            if state is not None:
+                state.load_state_dict(snapshot)
+                state.training = was_training
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         cfg, acc = self.cfg, self.acc
-        resume_from = self.maybe_resume()
-        logger = MetricsLogger(self.out, enabled=acc.is_main_process, resume_step=resume_from)
+        resumed = self.maybe_resume()
+        self.clock = now() - (float(resumed.get("elapsed", 0.0)) if resumed else 0.0)
+        logger = MetricsLogger(self.out, enabled=acc.is_main_process, resume_step=self.step if resumed else None)
         bar = _progress(self.total, self.step, enabled=cfg.progress and acc.is_main_process)
         try:
             while self.step < self.total:
@@ -216,59 +350,74 @@ class Runner:
                 if cfg.eval_steps and self.eval_set is not None and self.step % cfg.eval_steps == 0:
                     metrics.update(self.evaluate())
                 if self.step % cfg.logging_steps == 0 or self.step == self.total:
-                    logger.log(self.step, metrics)
-                    self.history.append({"step": self.step, **metrics})
+                    self.log(logger, metrics)
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics), refresh=False)
                 if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total:
                     self.save_checkpoint()
             if self.eval_set is not None and not (cfg.eval_steps and self.step % cfg.eval_steps == 0):
-                final_eval = self.evaluate()
-                logger.log(self.step, final_eval)
-                self.history.append({"step": self.step, **final_eval})
+                self.log(logger, self.evaluate())
         finally:
             bar.close()
             logger.close()
         if cfg.plot and acc.is_main_process and (self.out / "metrics.jsonl").exists():
             plot_metrics(self.out / "metrics.jsonl", self.out / "training_curves.png")
 
+    def log(self, logger: MetricsLogger, metrics: dict[str, float]) -> None:
+        metrics["elapsed"] = now() - self.clock  # seconds since the run started (resumes included)
+        logger.log(self.step, metrics)
+        self.history.append({"step": self.step, **metrics})
+
+    # ------------------------------------------------------------------ checkpoints and the final save
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "total": self.total, "seed": self.cfg.seed, "loss": self.cfg.loss}
+        state = {"step": self.step, "total": self.total, "seed": self.cfg.seed, "loss": self.cfg.loss,
+                 "elapsed": now() - self.clock}
         return ckpt.save_checkpoint(
             self.ckpt_root, self.step, model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
             trainer_state=state, loss_state=self.loss_state, process_index=self.acc.process_index,
             is_main=self.acc.is_main_process, wait=self.acc.wait_for_everyone, keep=self.cfg.save_total_limit,
         )
 
-    def maybe_resume(self) -> int | None:
+    def maybe_resume(self) -> dict | None:
+        """With ``resume``: load the latest checkpoint and return its trainer state (None: fresh start)."""
         if not self.cfg.resume:
             return None
         found = ckpt.list_checkpoints(self.ckpt_root)
         if not found:
             self.acc.print(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0")
             return None
-        state = ckpt.load_checkpoint(found[-1], model=self.base_engine.model, optimizer=self.opt,
-                                     scheduler=self.sched, loss_state=self.loss_state,
-                                     process_index=self.acc.process_index)
+        state = ckpt.read_trainer_state(found[-1])
         if state.get("loss") != self.cfg.loss:
             raise ValueError(f"{found[-1]}: checkpoint was trained with loss={state.get('loss')}, not {self.cfg.loss}")
+        ckpt.load_checkpoint(found[-1], model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
+                             loss_state=self.loss_state, process_index=self.acc.process_index)
         self.step = int(state["step"])
         self.acc.print(f"resumed from {found[-1]} at step {self.step}")
-        return self.step
+        return state
 
-    def save_final(self) -> Path | None:
-        from preftune.model import save_final
-
+    def save_final(self) -> Path:
+        """The trained model in ``output/model``, in the layout its forward defines."""
         self.acc.wait_for_everyone()
         target = self.out / "model"
         if self.acc.is_main_process:
-            save_final(self.base_engine.model, self.tokenizer, target, merge_lora=self.cfg.merge_lora, overwrite=True)
+            self.forward.save_final(self.base_engine.model, self.tokenizer, target)
         self.acc.wait_for_everyone()
         return target
 
 
-def precompute_reference(runner: Runner, dataset):
-    """Reference token log-probs for every training example, from the disk cache when the model,
+def eval_shard(n: int, world: int, rank: int) -> tuple[list[int], list[bool]]:
+    """This process's eval examples and which of them count. Every process gets ⌈n / world⌉ (the
+    last few wrap around to the start and are not counted), so all run the same micro-batches and
+    collectives inside a forward (β-DPO's gather across processes, FSDP) pair up."""
+    if n == 0:
+        return [], []
+    padded = list(range(n)) + [i % n for i in range((-n) % world)]
+    positions = range(rank, len(padded), world)
+    return [padded[p] for p in positions], [p < n for p in positions]
+
+
+def precompute_reference(forward: PolicyForward, runner: Runner, dataset):
+    """Reference token log-probs for every example of ``dataset``, from the disk cache when the model,
     data and tokenisation are unchanged; computed once otherwise (in this process's share)."""
     from preftune.data import collate
     from preftune.model.reference import (
@@ -280,9 +429,9 @@ def precompute_reference(runner: Runner, dataset):
     )
 
     cfg, acc = runner.cfg, runner.acc
-    ref_weights = runner.ref_model if runner.ref_model is not None else runner.base_engine.model
+    ref_weights = forward.ref_model if forward.ref_model is not None else runner.base_engine.model
     key = cache_key(model_fingerprint(ref_weights), data_fingerprint(dataset.examples),
-                    {"precision": cfg.precision, "pad": runner.pad_id})
+                    {"precision": cfg.precision, "pad": forward.pad_id})
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
     path = path / f"{key}.safetensors"
     if path.exists():
@@ -294,7 +443,7 @@ def precompute_reference(runner: Runner, dataset):
 
     engine = runner.base_engine
     # Before the first step a full fine-tune's policy *is* the reference; LoRA disables its adapter.
-    ref_model = runner.ref_model
+    ref_model = forward.ref_model
     if ref_model is None and not is_peft_model(engine.model):
         ref_model = engine.model
     was_training = engine.training
@@ -303,7 +452,7 @@ def precompute_reference(runner: Runner, dataset):
     for s in range(0, len(dataset), bs):
         idx = list(range(s, min(s + bs, len(dataset))))
         batch = collate([dataset.examples[i] for i in idx])
-        packed = pack(batch.prompt_ids, batch.response_ids, runner.pad_id, device=acc.device,
+        packed = pack(batch.prompt_ids, batch.response_ids, forward.pad_id, device=acc.device,
                       share_prefix=engine.shares_prefix())
         with acc.autocast():
             ref = reference_stats(engine, packed, ref_model, need_tokens=True)
@@ -317,16 +466,26 @@ def precompute_reference(runner: Runner, dataset):
     return cache
 
 
-def _accumulate(sums: dict, result, policy) -> None:
+
+def _logps(out: Micro):
+    return out.stats.logps if out.stats is not None else None
+
+
+def _accumulate(sums: dict, result: LossOutput, batch_size: int, logps=None, counted=None) -> None:
     """Per-example sums and counts of the logged quantities. A metric is a (B,) tensor (a scalar is
     taken as the value of every example); NaN entries mean "not applicable" and are not counted
-    (e.g. chosen rewards on the undesirable rows of an unpaired batch)."""
+    (e.g. chosen rewards on the undesirable rows of an unpaired batch), nor are the examples that
+    ``counted`` (B bools: eval padding) leaves out. ``logps`` (B, K): the policy's summed
+    log-probs, when the forward has them."""
+    keep = None if counted is None else torch.as_tensor(counted, dtype=torch.bool)
 
     def add(key: str, values: torch.Tensor) -> None:
         v = values.detach().float().reshape(-1).cpu()
-        if v.numel() == 1 and policy.batch_size > 1:
-            v = v.expand(policy.batch_size)
+        if v.numel() == 1 and batch_size > 1:
+            v = v.expand(batch_size)
         ok = ~torch.isnan(v)
+        if keep is not None:  # (B, …) flattened row by row: each example's entries are contiguous
+            ok &= keep.repeat_interleave(v.numel() // batch_size)
         total, count = sums.get(key, (torch.zeros(()), torch.zeros(())))
         sums[key] = (total + v[ok].sum(), count + ok.sum())
 
@@ -336,11 +495,11 @@ def _accumulate(sums: dict, result, policy) -> None:
         add("rewards/rejected", result.rejected_rewards)
         add("rewards/margins", result.chosen_rewards - result.rejected_rewards)
         add("rewards/accuracies", (result.chosen_rewards > result.rejected_rewards).float())
-    if policy.num_responses >= 2:
-        add("logps/chosen", policy.logps[:, 0])
-        add("logps/rejected", policy.logps[:, 1])
+    if logps is not None and logps.shape[1] >= 2:
+        add("logps/chosen", logps[:, 0])
+        add("logps/rejected", logps[:, 1])
     for k, v in result.metrics.items():
-        if v.dim() == 0 or v.shape[0] == policy.batch_size:
+        if v.dim() == 0 or v.shape[0] == batch_size:
             add(k, v)
 
 

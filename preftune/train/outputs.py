@@ -17,6 +17,8 @@ CORE_KEYS = (
     "grad_norm",
     "lr",
     "tokens/s",
+    "step_time",  # seconds of the optimizer step (forward, backward and update of every micro-batch)
+    "elapsed",  # seconds since the run started (a resumed run counts on from its checkpoint)
 )
 
 

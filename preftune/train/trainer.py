@@ -27,20 +27,18 @@ class TrainResult:
     model: object = None  # the trained (possibly PEFT-wrapped) model, still in memory
 
 
-def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None):
+def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None,
+                 ref_cache=None):
     """Everything up to the first optimizer step: data (validated and tokenised before anything is
-    written), models, optimizer, output folder. Returns the ``loop.Runner``."""
-    from accelerate.utils import set_seed
+    written), models, optimizer, output folder. Returns the ``loop.Runner`` with a policy forward.
 
+    ``ref_cache``: the training examples' reference log-probs, already computed by the caller (the online
+    loop scores its samples under π_0, π_t or APO's extrapolation); with it nothing is precomputed."""
     from preftune.train import data_prep, loop
 
     obj = cfg.objective()
     params = obj.resolve(cfg.loss_hyperparameters())
-    # cpu=True when there is no accelerator: only then does accelerate form a gloo process group
-    # from torchrun / `accelerate launch` environment variables on a CPU machine.
-    no_accel = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    acc = make_accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
-    set_seed(cfg.seed)
+    acc = start_run(cfg)
 
     # ---- data
     if tokenizer is None:
@@ -56,16 +54,15 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
         model, _ = load_model(cfg.model, dtype="float32", attn_implementation=cfg.attn_implementation)
     policy, ref_model = loop.setup_models(cfg, model)
 
-    # ---- output folder (the first write)
-    out = cfg.output_dir
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-    acc.wait_for_everyone()
-    return loop.Runner(cfg, obj, params, acc, policy, ref_model, tokenizer, train_set, eval_set)
+    open_output(cfg, acc, "train_config.json")  # the first write
+    forward = loop.PolicyForward(cfg, obj, params, policy, ref_model, tokenizer)
+    if ref_cache is not None:
+        forward.ref_caches[train_set.name] = ref_cache
+    return loop.Runner(cfg, forward, acc, tokenizer, train_set, eval_set)
 
 
-def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None) -> TrainResult:
+def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None,
+          ref_cache=None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` with objective ``cfg.loss``.
 
     Library callers may pass already-derived ``train_examples``/``eval_examples`` (data.Example lists)
@@ -73,10 +70,38 @@ def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenize
     Nothing is written to ``cfg.output`` until the data has been validated and the model loaded.
     """
     runner = build_runner(cfg, train_examples=train_examples, eval_examples=eval_examples,
-                          tokenizer=tokenizer, model=model)
+                          tokenizer=tokenizer, model=model, ref_cache=ref_cache)
+    return run_to_end(runner)
+
+
+def run_to_end(runner) -> TrainResult:
+    """Run the loop, then save the final model when the config asks for it."""
     runner.run()
-    model_dir = runner.save_final() if cfg.save_model else None
-    return TrainResult(cfg.output_dir, model_dir, runner.step, runner.history, runner.base_engine.model)
+    model_dir = runner.save_final() if runner.cfg.save_model else None
+    return TrainResult(runner.cfg.output_dir, model_dir, runner.step, runner.history, runner.base_engine.model)
+
+
+def start_run(cfg):
+    """The run's Accelerator (bf16 autocast when asked), with every seed set from ``cfg.seed``."""
+    from accelerate.utils import set_seed
+
+    # cpu=True when there is no accelerator: only then does accelerate form a gloo process group
+    # from torchrun / `accelerate launch` environment variables on a CPU machine.
+    no_accel = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    acc = make_accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
+    set_seed(cfg.seed)
+    return acc
+
+
+def open_output(cfg, acc, config_name: str) -> None:
+    """Create the output folder and record the run's config there (main process; others wait)."""
+    out = cfg.output_dir
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{config_name}.tmp"
+        tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+        tmp.replace(out / config_name)  # never a half-written config
+    acc.wait_for_everyone()
 
 
 def make_accelerator(**kwargs):
@@ -130,7 +155,3 @@ def make_optimizer(cfg, params: list[torch.nn.Parameter], total: int):
 
 def now() -> float:
     return time.perf_counter()
-
-
-def to_cpu_float(x: torch.Tensor) -> float:
-    return float(x.detach().float().cpu())
