@@ -286,6 +286,30 @@ def demo_cmd(
         run_demo(cfg, log=typer.echo)
 
 
+def _algorithms() -> str:
+    from preftune.online.algorithms import all_algorithms
+
+    return "\n\n" + "\n\n".join(f"{a.name}: {a.summary}" for a in all_algorithms())
+
+
+@config_command(app, "online", OnlineConfig, "algorithm", "model", "task", "judge", "iterations", ("output", "-o"),
+                "resume", more_help={"algorithm": _algorithms})
+def online_cmd(
+    config: str = recipe_argument("configs/online/"),
+    set_: list[str] = set_option(OnlineConfig),
+    *,
+    overrides: dict[str, Any],
+) -> None:
+    """Online, iterative and self-play training: sample from the current policy, judge, train, repeat."""
+    from preftune.online.loop import run_online
+    from preftune.train.config import load_config, parse_set
+
+    with _user_errors():
+        cfg = load_config(config, {**overrides, **parse_set(set_ or [])}, model=OnlineConfig)
+        result = run_online(cfg, log=typer.echo)
+    typer.echo(f"done: {len(result.rows)} iterations; {result.output_dir / 'iterations.jsonl'}; report {result.report}")
+
+
 # ------------------------------------------------------------ reward, judge (owner: preftune/reward) ---
 reward_app = typer.Typer(help="Reward and preference models: Bradley–Terry, regression, GPM.", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
