@@ -103,7 +103,10 @@ class OnlineConfig(BaseModel):
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, v: str) -> str:
-        get_algorithm(v)
+        try:
+            get_algorithm(v)
+        except KeyError as e:  # pydantic reports ValueErrors as validation errors
+            raise ValueError(e.args[0]) from None
         return v
 
     @field_validator("rule")
@@ -117,7 +120,10 @@ class OnlineConfig(BaseModel):
     def _check(self) -> OnlineConfig:
         from preftune.losses import get
 
-        obj = get(self.resolved_loss())
+        try:
+            obj = get(self.resolved_loss())
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
         if obj.trains != "policy" or obj.shape != "paired":
             raise ValueError(f"objective '{obj.name}' is not a paired policy objective; online loops train pairs")
         obj.resolve(self.loss_hyperparameters())

@@ -1,0 +1,37 @@
+"""Every online algorithm has a recipe in configs/online/, it parses, and it says what the defaults are."""
+
+from pathlib import Path
+
+import pytest
+
+from preftune.online.algorithms import get_algorithm, names
+from preftune.online.config import OnlineConfig
+from preftune.train.config import load_config
+
+ONLINE = Path(__file__).resolve().parents[2] / "configs" / "online"
+
+
+def test_one_recipe_per_algorithm():
+    assert sorted(p.stem for p in ONLINE.glob("*.yaml")) == sorted(names())
+
+
+@pytest.mark.parametrize("name", names())
+def test_recipe_parses_and_matches_the_algorithm_defaults(name):
+    cfg = load_config(ONLINE / f"{name}.yaml", {}, model=OnlineConfig)
+    default = OnlineConfig(algorithm=name)
+    assert cfg.algorithm == name
+    got, want = cfg.summary(), default.summary()
+    for key in ("k", "temperature", "top_p", "rule", "ref_mode", "loss", "loss_params", "epochs", "judge"):
+        assert got[key] == pytest.approx(want[key]) if isinstance(want[key], float) else got[key] == want[key], key
+    assert get_algorithm(name).loss == got["loss"]
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown online algorithm"):
+        OnlineConfig(algorithm="spo")
+    with pytest.raises(ValueError, match="not a paired policy objective"):
+        OnlineConfig(loss="kto")
+    with pytest.raises(ValueError, match="unknown pair rule"):
+        OnlineConfig(rule="best")
+    with pytest.raises(ValueError, match="extrapolated"):
+        OnlineConfig(ref_mode="extrapolated")
