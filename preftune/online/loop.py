@@ -517,21 +517,15 @@ class OnlineRun:
 
     def _train_stages(self, it: IterationDir, t: int, gens, rows):
         """Curry-DPO: one trainer run per stage, each from the previous stage's model, that model being the
-        reference (refreshed per stage)."""
-        from preftune.model.reference import ReferenceCache
-        from preftune.train.trainer import train
+        reference (refreshed per stage): the same loop as `preftune train --set curriculum=iterative`."""
+        from preftune.train.curriculum import Stage, train_stages
 
-        history, steps = [], 0
-        for stage in sorted({r["stage"] for r in rows}):
-            srows = [r for r in rows if r["stage"] == stage]
-            examples = self.examples(gens, srows)
-            ref = ReferenceCache(self.policy.token_logps([e.prompt_ids for e in examples],
-                                                         [e.response_ids for e in examples]))
-            result = train(self.train_config(it.path / "train" / f"stage_{stage}", t), train_examples=examples,
-                           tokenizer=self.policy.tokenizer, model=self.policy.model, ref_cache=ref)
-            history += result.metrics
-            steps += result.steps
-        return history, steps
+        numbers = sorted({r["stage"] for r in rows})
+        stages = [[r for r in rows if r["stage"] == s] for s in numbers]
+        results, _ = train_stages([Stage(self.examples(gens, srows), [r["margin"] for r in srows]) for srows in stages],
+                                  [self.train_config(it.path / "train" / f"stage_{s}", t) for s in numbers],
+                                  self.policy.model, self.policy.tokenizer, log=self.log)
+        return [m for r in results for m in r.metrics], sum(r.steps for r in results)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, folder: Path, prev_state: dict | None, t: int) -> dict:

@@ -56,6 +56,10 @@ class RunConfig(BaseModel):
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept (oldest deleted)")
     resume: bool = Field(False, description="continue from the latest checkpoint in output")
+    shuffle: bool = Field(
+        True, description="shuffle the training examples every epoch; false keeps the data's order (a curriculum) "
+        "and ignores length_grouping"
+    )
     plot: bool = Field(True, description="write training curves as PNG at the end")
     progress: bool = Field(True, description="show a live progress bar")
 
@@ -78,6 +82,15 @@ class TrainConfig(RunConfig):
     beta: float | None = Field(None, description="shortcut for loss_params.beta")
     pair_strategy: Literal["best_worst", "all", "adjacent"] = Field(
         "best_worst", description="how pairs are built from scored or ranked lists"
+    )
+    curriculum: Literal["off", "iterative", "sequential"] = Field(
+        "off",
+        description="Curry-DPO (arXiv 2403.07230) on lists of >= 3 scored or ranked responses, for a paired "
+        "objective: the best response against each other one, in stages easy to hard by rating gap (S1 = best "
+        "vs worst, S2 = best vs second worst, ...; ties dropped). iterative: one run per stage (epochs/max_steps "
+        "per stage) from the previous stage's model, which is also its reference (output/stage_N/); "
+        "sequential: one run over S1, S2, ... in that order, unshuffled, reference the initial model. "
+        "Per-stage pairs, mean rating gap and initial accuracy in output/stages.jsonl",
     )
 
     # --- tokenisation
@@ -186,7 +199,20 @@ class TrainConfig(RunConfig):
             raise ValueError(f"objective '{obj.name}' needs a reference model; reference=none is not allowed")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
+        if self.curriculum != "off":
+            self._check_curriculum(obj)
         return self
+
+    def _check_curriculum(self, obj) -> None:
+        if obj.shape != "paired" or obj.columns:
+            raise ValueError(f"curriculum={self.curriculum} trains on (chosen, rejected) pairs: it needs a paired "
+                             f"objective such as dpo, not '{obj.name}' ({obj.data_needs})")
+        if self.resolved_reference() == "live":
+            raise ValueError(f"curriculum={self.curriculum} hands each stage precomputed reference log-probs; "
+                             f"objective '{obj.name}' needs a live reference")
+        if self.resume and self.curriculum == "iterative":
+            raise ValueError("resume: curriculum=iterative runs one training per stage and cannot resume; "
+                             "rerun it, or use curriculum=sequential (one run)")
 
     def objective(self):
         from preftune.losses import get

@@ -226,6 +226,8 @@ class Runner:
     def order(self, epoch: int) -> list[int]:
         from preftune.data import length_grouped_order, shuffled_order
 
+        if not self.cfg.shuffle:  # the data's order is the point (a curriculum)
+            return list(range(len(self.train_set)))
         if self.cfg.length_grouping:
             return length_grouped_order(self.train_set.lengths(), self.cfg.batch_size, self.cfg.seed, epoch)
         return shuffled_order(len(self.train_set), self.cfg.seed, epoch)

@@ -28,12 +28,13 @@ class TrainResult:
 
 
 def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None,
-                 ref_cache=None):
+                 ref_cache=None, eval_ref_cache=None):
     """Everything up to the first optimizer step: data (validated and tokenised before anything is
     written), models, optimizer, output folder. Returns the ``loop.Runner`` with a policy forward.
 
     ``ref_cache``: the training examples' reference log-probs, already computed by the caller (the online
-    loop scores its samples under π_0, π_t or APO's extrapolation); with it nothing is precomputed."""
+    loop scores its samples under π_0, π_t or APO's extrapolation); with it nothing is precomputed.
+    ``eval_ref_cache``: the same for the eval examples (a curriculum stage's refreshed reference)."""
     from preftune.train import data_prep, loop
 
     obj = cfg.objective()
@@ -58,19 +59,29 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
     forward = loop.PolicyForward(cfg, obj, params, policy, ref_model, tokenizer)
     if ref_cache is not None:
         forward.ref_caches[train_set.name] = ref_cache
+    if eval_ref_cache is not None and eval_set is not None:
+        forward.ref_caches[eval_set.name] = eval_ref_cache
     return loop.Runner(cfg, forward, acc, tokenizer, train_set, eval_set)
 
 
 def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenizer=None, model=None,
-          ref_cache=None) -> TrainResult:
+          ref_cache=None, eval_ref_cache=None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` with objective ``cfg.loss``.
 
     Library callers may pass already-derived ``train_examples``/``eval_examples`` (data.Example lists)
     and/or an already-loaded ``model``/``tokenizer`` (the demo does, to reuse what it sampled with).
     Nothing is written to ``cfg.output`` until the data has been validated and the model loaded.
+    With ``cfg.curriculum`` on, the stages are built from ``cfg.data`` (train/curriculum.py).
     """
+    if cfg.curriculum != "off":
+        if train_examples is not None or ref_cache is not None:
+            raise ValueError("curriculum builds its stages from cfg.data; for pairs of your own call "
+                             "preftune.train.curriculum.train_stages")
+        from preftune.train.curriculum import train_curriculum
+
+        return train_curriculum(cfg, eval_examples=eval_examples, tokenizer=tokenizer, model=model)
     runner = build_runner(cfg, train_examples=train_examples, eval_examples=eval_examples,
-                          tokenizer=tokenizer, model=model, ref_cache=ref_cache)
+                          tokenizer=tokenizer, model=model, ref_cache=ref_cache, eval_ref_cache=eval_ref_cache)
     return run_to_end(runner)
 
 
