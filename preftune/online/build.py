@@ -48,10 +48,10 @@ def win_rates(P: Sequence[Sequence[float]], include_self: bool = True) -> list[f
     return [(sum(P[i]) - P[i][i]) / (k - 1) for i in range(k)]
 
 
-def _order(scores: Sequence[float], lengths: Sequence[int] | None) -> list[int]:
-    """Best first; among equal scores the shorter answer first, then the lower index (deterministic)."""
-    lens = lengths or [0] * len(scores)
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], lens[i], i))
+def _order(scores: Sequence[float], lengths: Sequence[int] | None = None) -> list[int]:
+    """Best first; equal scores keep the sample order (RLHFlow's argmax/argmin take the first index; samples
+    are exchangeable, so this is unbiased, while a length tie-break would teach length)."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
 def _pair(scores, w: int, l: int) -> list[Pair]:

@@ -3,8 +3,8 @@ algorithm's training input → a trainer run from the current iterate → the ne
 
 Phases of iteration t (folder ``iter_NN``), each finished by a manifest entry after its files:
 ``sample`` (samples.jsonl, with token ids) → ``judge`` (judgements.jsonl) → ``build`` (train_input.jsonl
-and the cached reference log-probs) → ``train`` (train/: metrics and the adapter) → ``eval`` (held-out
-samples, eval.json). ``--resume`` redoes only the phase a kill interrupted; the policy is restored from
+and the cached reference log-probs) → ``train`` (train/: trainer metrics; policy.safetensors: the new
+iterate's trainable weights) → ``eval`` (heldout.jsonl; the figures in the manifest). ``--resume`` redoes only the phase a kill interrupted; the policy is restored from
 the last finished iteration's adapter.
 
 Cost rules: one trainable model in memory (LoRA: the reference is the adapters turned off); log-probs
@@ -65,16 +65,16 @@ class Policy:
 
             torch.manual_seed(cfg.seed)
             self.model = apply_lora(self.model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
+        else:  # full fine-tuning: π_0 (KL, fluency, fixed reference) needs its own frozen copy
+            from preftune.model import frozen_reference_copy
+
+            self.init_model = frozen_reference_copy(self.model)
         self.ofs = cfg.algo().shape == "fast_slow"
         self.ofs_state = None  # OFS-DPO: leader, running losses, swaps (online/ofs.py)
         if self.ofs:
             from preftune.online.ofs import ensure_slow_adapter
 
             ensure_slow_adapter(self.model)  # both modules start from the same (zero) update
-        else:
-            from preftune.model import frozen_reference_copy
-
-            self.init_model = frozen_reference_copy(self.model)
 
     # -- states
     def state(self) -> dict[str, torch.Tensor]:
@@ -118,6 +118,16 @@ class Policy:
         from safetensors.torch import load_file
 
         self.load_state(load_file(str(path)))
+
+    def sampling_model(self):
+        """The iterate for generation: with LoRA a plain copy with the adapter merged in. peft's unmerged
+        layers add two small matmuls and Python work to every linear at every generated token; merging
+        in place and unmerging would leave float error in the base, i.e. in the reference."""
+        if not self.cfg.lora:
+            return self.model
+        import copy
+
+        return copy.deepcopy(self.model).merge_and_unload()
 
     # -- scoring on sampled ids
     def token_logps(self, prompt_ids, response_ids, which: str = "current") -> list[list[torch.Tensor]]:
@@ -265,7 +275,8 @@ class OnlineRun:
             if not it.done("train"):
                 self.train_phase(it, t, gens)
         if not it.done("eval"):
-            self.policy.save_state(it.file("policy.safetensors"))
+            if it.done("train"):  # after a resume the model in memory is π_{t−1}; the phase saved π_t
+                self.policy.load_state_file(it.file("policy.safetensors"))
             t0 = time.perf_counter()
             ev = self.evaluate(it.path / "eval", prev_state=self.states[t - 1], t=t)
             ev["seconds"] = time.perf_counter() - t0
@@ -277,9 +288,10 @@ class OnlineRun:
 
         from preftune.online.generate import generate
 
+        model = self.policy.sampling_model()
         with tqdm(total=len(prompts) * n, desc=f"sample ({desc})", unit="seq", disable=not self.cfg.progress,
                   dynamic_ncols=True) as bar:
-            return generate(self.policy.model, self.policy.tokenizer, prompts, n=n, temperature=temperature,
+            return generate(model, self.policy.tokenizer, prompts, n=n, temperature=temperature,
                             top_p=top_p, max_new_tokens=self.cfg.max_new_tokens, seed=seed,
                             batch_size=self.cfg.gen_batch_size, progress=bar.update)
 
@@ -479,6 +491,7 @@ class OnlineRun:
         if not rows:
             self.log(f"[online] iteration {t}: no pairs (every prompt's samples tied); training skipped, "
                      "π_t carries over")
+            self.policy.save_state(it.file("policy.safetensors"))
             it.finish("train", {"skipped": "no pairs", "steps": 0})
             return
         if self.alg.shape == "stages":
@@ -494,6 +507,7 @@ class OnlineRun:
             result = train(self.train_config(it.path / "train", t), train_examples=examples,
                            tokenizer=self.policy.tokenizer, model=self.policy.model, ref_cache=ref)
             history, steps = result.metrics, result.steps
+        self.policy.save_state(it.file("policy.safetensors"))  # π_t is the train phase's output
         it.finish("train", {"steps": steps, "train_seconds": time.perf_counter() - t0, **_tail_means(history)})
 
     def _train_ofs(self, it: IterationDir, t: int, gens, rows):

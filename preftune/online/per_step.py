@@ -89,6 +89,7 @@ def run_per_step(run, it, t: int) -> None:
         vals = [h[k] for h in trained if isinstance(h.get(k), float) and math.isfinite(h[k])]
         if vals and k != "step":
             means[k] = sum(vals) / len(vals)
+    run.policy.save_state(it.file("policy.safetensors"))
     it.finish("train", {"steps": len(trained), "train_seconds": time.perf_counter() - t0 - gen_secs, **means})
 
 

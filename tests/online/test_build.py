@@ -19,8 +19,9 @@ from preftune.online.build import (
 def test_max_min_best_vs_worst_and_ties_dropped():
     assert build_pairs("max_min", [0.2, 0.9, 0.1, 0.5]) == [Pair(1, 2, pytest.approx(0.8))]
     assert build_pairs("max_min", [0.4, 0.4, 0.4]) == []  # all tied: no pair
-    # equal best scores: the shorter answer is the chosen one
-    assert build_pairs("max_min", [1.0, 1.0, 0.0], lengths=[9, 3, 5])[0].w == 1
+    # equal best scores: the first sample (RLHFlow's argmax), whatever the lengths; the last equal worst
+    assert build_pairs("max_min", [1.0, 1.0, 0.0], lengths=[9, 3, 5])[0].w == 0
+    assert build_pairs("max_min", [1.0, 0.0, 0.0])[0].l == 2
 
 
 def test_other_rules():
