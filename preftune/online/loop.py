@@ -4,8 +4,8 @@ algorithm's training input → a trainer run from the current iterate → the ne
 Phases of iteration t (folder ``iter_NN``), each finished by a manifest entry after its files:
 ``sample`` (samples.jsonl, with token ids) → ``judge`` (judgements.jsonl) → ``build`` (train_input.jsonl
 and the cached reference log-probs) → ``train`` (train/: trainer metrics; policy.safetensors: the new
-iterate's trainable weights) → ``eval`` (heldout.jsonl; the figures in the manifest). ``--resume`` redoes only the phase a kill interrupted; the policy is restored from
-the last finished iteration's adapter.
+iterate's trainable weights) → ``eval`` (heldout.jsonl; the figures in the manifest). ``--resume``
+redoes only the phase a kill interrupted; the policy is restored from the last saved iterate.
 
 Cost rules: one trainable model in memory (LoRA: the reference is the adapters turned off); log-probs
 on the sampled token ids; reference log-probs computed once per iteration and handed to the trainer;
