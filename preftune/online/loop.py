@@ -192,7 +192,7 @@ class OnlineRun:
                 raise ValueError(f"{self.out} already holds an online run; pass --resume to continue it, "
                                  "or choose another --output")
             old = store.read_json(cfg_path)
-            changed = sorted(k for k in summary if k not in ("resume", "progress", "plot", "threads")
+            changed = sorted(k for k in summary if k not in ("resume", "progress", "plot", "threads", "output")
                              and old.get(k) != summary[k])
             if changed:
                 raise ValueError(f"{cfg_path}: the run was started with other settings ({', '.join(changed)}); "
