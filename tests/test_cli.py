@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from typer.testing import CliRunner
 
 from preftune.cli import _HEADERS, app
-from preftune.cli_options import config_command, help_text
+from preftune.cli.options import config_command, help_text
 from preftune.losses import all_objectives, get, names
 from preftune.rank.config import RankConfig
 from preftune.reward.config import RewardConfig

@@ -23,7 +23,7 @@ from .derive import (
     to_triples,
     to_unpaired,
 )
-from .readers import LAYOUTS, detect_layout, load_records, split_conversations
+from .readers import LAYOUTS, detect_layout, jsonl_rows, load_records, split_conversations
 from .schema import DataError, DataIssue, PreferenceRecord, format_issues
 from .tokenize import (
     TokenizedExample,
@@ -37,6 +37,7 @@ from .validate import load_and_validate, record_issues, validate_records
 
 __all__ = [
     "LAYOUTS",
+    "jsonl_rows",
     "PAIR_STRATEGIES",
     "DataError",
     "DataIssue",

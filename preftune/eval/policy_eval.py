@@ -9,11 +9,10 @@ adapter disabled. The standard error is the sample standard deviation over √n.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from preftune.model.scoring import adapters_disabled
 from preftune.tasks import word_count  # re-exported: the demo and tests read it from here
 
 
@@ -101,27 +100,8 @@ def evaluate_generations(task, generations, judgements=None) -> PolicyEval:
     )
 
 
-@contextlib.contextmanager
-def adapter_disabled(model) -> Iterator[None]:
-    """The base model: adapters off for a ``PeftModel`` or for layers PEFT adapted in place (what a
-    caller holds after handing a plain model to the trainer with ``lora=True``)."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield
-        return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    if not layers:
-        raise ValueError("the model has no LoRA adapters; pass ref_model for a full fine-tune")
-    states = [m.disable_adapters for m in layers]
-    try:
-        for m in layers:
-            m.enable_adapters(False)
-        yield
-    finally:
-        for m, was_disabled in zip(layers, states, strict=True):
-            m.enable_adapters(not was_disabled)
+# The base model of a LoRA policy: one definition, in the model layer (the online loop scores with it too).
+adapter_disabled = adapters_disabled
 
 
 def sequence_log_ratios(

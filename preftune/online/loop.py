@@ -600,29 +600,20 @@ def _rate_text(ev: dict) -> str:
 def _read_teacher(path: str, tokenizer) -> dict:
     """DNO's teacher answers: JSONL {prompt, response}, keyed by the prompt (messages or text), with the
     response's token ids as the data layer tokenises an assistant turn after that prompt."""
-    from preftune.data import DataError, DataIssue, Example
+    from preftune.data import DataError, DataIssue, Example, jsonl_rows
     from preftune.data.tokenize import tokenize_example
 
     out, issues = {}, []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                issues.append(DataIssue(path, n, "<line>", f"invalid JSON: {e.msg}"))
-                continue
-            for fld in ("prompt", "response"):
-                if fld not in row:
-                    issues.append(DataIssue(path, n, fld, "missing"))
-            if "prompt" in row and "response" in row:
-                prompt = row["prompt"]
-                if isinstance(prompt, str):
-                    prompt = [{"role": "user", "content": prompt}]
-                tok = tokenize_example(Example(prompt, [[{"role": "assistant", "content": row["response"]}]]),
-                                       tokenizer)
-                out[json.dumps(prompt, sort_keys=True)] = {"text": row["response"], "ids": tok.response_ids[0]}
+    for row, n in jsonl_rows(Path(path), issues):
+        for fld in ("prompt", "response"):
+            if fld not in row:
+                issues.append(DataIssue(path, n, fld, "missing"))
+        if "prompt" in row and "response" in row:
+            prompt = row["prompt"]
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            tok = tokenize_example(Example(prompt, [[{"role": "assistant", "content": row["response"]}]]), tokenizer)
+            out[json.dumps(prompt, sort_keys=True)] = {"text": row["response"], "ids": tok.response_ids[0]}
     if issues:
         raise DataError(issues)
     return out

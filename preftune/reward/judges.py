@@ -317,49 +317,36 @@ class _Item:
 def read_responses(path: str | Path) -> list[_Item]:
     """Rows ``{"prompt", "responses": {system: text}}`` or ``{"prompt", "a", "b", "model_a", "model_b"}``;
     every bad row is reported (file, line, field) in one DataError."""
-    from preftune.data import DataError, DataIssue
+    from preftune.data import DataError, DataIssue, jsonl_rows
 
     src, items, issues = str(path), [], []
-    with Path(path).open(encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                issues.append(DataIssue(src, line, "<line>", f"invalid JSON: {e.msg} (column {e.colno})"))
-                continue
-            if not isinstance(row, dict):
-                issues.append(
-                    DataIssue(src, line, "<line>", f"expected a JSON object, got {type(row).__name__}")
-                )
-                continue
-            bad = []
-            prompt = row.get("prompt")
-            if not (isinstance(prompt, str) and prompt.strip()) and not isinstance(prompt, list):
-                bad.append(("prompt", "missing" if prompt is None else "expected text or chat messages"))
-            if isinstance(row.get("responses"), dict):
-                systems, responses = list(row["responses"]), list(row["responses"].values())
-                where = [f"responses.{s}" for s in systems]
-                if len(systems) < 2:
-                    bad.append(("responses", f"needs at least 2 systems, got {len(systems)}"))
-            elif "a" in row or "b" in row:
-                systems, responses = [row.get("model_a"), row.get("model_b")], [row.get("a"), row.get("b")]
-                where = ["a", "b"]
-                for key, s in (("model_a", systems[0]), ("model_b", systems[1])):
-                    if not (isinstance(s, str) and s):
-                        bad.append((key, "missing" if s is None else f"expected a system name, got {s!r}"))
-                if systems[0] == systems[1] and systems[0]:
-                    bad.append(("model_b", f"same system as model_a ({systems[0]!r})"))
-            else:
-                bad.append(("responses", "missing: give responses {system: text} or a/b/model_a/model_b"))
-                systems, responses, where = [], [], []
-            for w, r in zip(where, responses, strict=True):
-                if not isinstance(r, str):
-                    bad.append((w, "missing" if r is None else f"expected text, got {type(r).__name__}"))
-            issues += [DataIssue(src, line, k, m) for k, m in bad]
-            if not bad:
-                items.append(_Item(prompt, systems, responses, line))
+    for row, line in jsonl_rows(Path(path), issues):
+        bad = []
+        prompt = row.get("prompt")
+        if not (isinstance(prompt, str) and prompt.strip()) and not isinstance(prompt, list):
+            bad.append(("prompt", "missing" if prompt is None else "expected text or chat messages"))
+        if isinstance(row.get("responses"), dict):
+            systems, responses = list(row["responses"]), list(row["responses"].values())
+            where = [f"responses.{s}" for s in systems]
+            if len(systems) < 2:
+                bad.append(("responses", f"needs at least 2 systems, got {len(systems)}"))
+        elif "a" in row or "b" in row:
+            systems, responses = [row.get("model_a"), row.get("model_b")], [row.get("a"), row.get("b")]
+            where = ["a", "b"]
+            for key, s in (("model_a", systems[0]), ("model_b", systems[1])):
+                if not (isinstance(s, str) and s):
+                    bad.append((key, "missing" if s is None else f"expected a system name, got {s!r}"))
+            if systems[0] == systems[1] and systems[0]:
+                bad.append(("model_b", f"same system as model_a ({systems[0]!r})"))
+        else:
+            bad.append(("responses", "missing: give responses {system: text} or a/b/model_a/model_b"))
+            systems, responses, where = [], [], []
+        for w, r in zip(where, responses, strict=True):
+            if not isinstance(r, str):
+                bad.append((w, "missing" if r is None else f"expected text, got {type(r).__name__}"))
+        issues += [DataIssue(src, line, k, m) for k, m in bad]
+        if not bad:
+            items.append(_Item(prompt, systems, responses, line))
     if issues:
         raise DataError(issues)
     if not items:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import typer
 
-from preftune.cli_options import config_command, recipe_argument, set_option
+from preftune.cli.options import config_command, recipe_argument, set_option
 from preftune.online.config import OnlineConfig
 from preftune.rank.config import RankConfig
 from preftune.reward.config import RewardConfig
