@@ -47,6 +47,11 @@ class OnlineConfig(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (default 0.95)")
     max_new_tokens: int = Field(32, gt=0, description="longest sampled response (a cut response is not an answer)")
     gen_batch_size: int = Field(48, gt=0, description="sequences per generate call")
+    sampling_precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="weights of the sampling copy: bf16 samples about 2x faster on CPUs with bf16 matmuls, from a "
+        "rounded copy of the policy (log-probs for training and evaluation stay float32 on the sampled ids)",
+    )
 
     # --- pairs
     rule: str | None = Field(None, description="pair rule: " + ", ".join(RULES) + " (default: the algorithm's)")

@@ -123,11 +123,13 @@ class Policy:
         """The iterate for generation: with LoRA a plain copy with the adapter merged in. peft's unmerged
         layers add two small matmuls and Python work to every linear at every generated token; merging
         in place and unmerging would leave float error in the base, i.e. in the reference."""
-        if not self.cfg.lora:
-            return self.model
         import copy
 
-        return copy.deepcopy(self.model).merge_and_unload()
+        bf16 = self.cfg.sampling_precision == "bf16"
+        if not self.cfg.lora:
+            return copy.deepcopy(self.model).to(torch.bfloat16) if bf16 else self.model
+        merged = copy.deepcopy(self.model).merge_and_unload()
+        return merged.to(torch.bfloat16) if bf16 else merged
 
     # -- scoring on sampled ids
     def token_logps(self, prompt_ids, response_ids, which: str = "current") -> list[list[torch.Tensor]]:
