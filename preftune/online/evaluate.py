@@ -6,7 +6,7 @@ iteration:
 - greedy success, and the greedy answers (over-optimisation shows there first);
 - KL to π_0 and to π_{t−1}: mean of ℓ_t(y) − ℓ_ref(y) over the sampled answers (Monte Carlo, on the
   sampled token ids);
-- fluency: mean per-token NLL of the answers under π_0 (the base model);
+- fluency: mean per-token NLL of the answers' text under π_0 (the base model), EOS left out;
 - repetition: distinct-2 over the answers and the share of answers that repeat a line or phrase;
 - win rates against π_{t−1} and π_0: the task judge on sample k of the same prompt, ties ½.
 Every sample is written next to the figures (``heldout.jsonl``).
@@ -44,7 +44,12 @@ def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int) -> dict:
     base = policy.token_logps(pids, rids, "init")
     kl_ref = [float(c.sum() - b.sum()) for cs, bs in zip(cur, base, strict=True) for c, b in zip(cs, bs,
                                                                                                    strict=True)]
-    nll = [float(-b.mean()) for bs in base for b in bs if len(b)]
+    # Fluency scores the text, not the decision to stop: a finished answer's EOS token is left out (under
+    # the base model, which would have gone on, an early EOS costs several nats, so a task that asks for
+    # shorter answers would read as less fluent through that one token).
+    fin = [[s.finished for s in row] for row in gens.samples]
+    nll = [float(-b[: len(b) - int(f)].mean()) for bs, fs in zip(base, fin, strict=True)
+           for b, f in zip(bs, fs, strict=True) if len(b) > int(f)]
     ev: dict = {}
     rate = wilson(sum(j.success for _, j in flat), len(flat))
     ev.update(success=rate.value, success_low=rate.low, success_high=rate.high, n=rate.n)
