@@ -118,7 +118,8 @@ def write_report(out: Path, cfg, base: dict, rows: list[dict], log=print) -> Pat
               "per prompt.",
               "- KL to π_0: mean over sampled answers of log π_t(y|x) − log π_0(y|x) on the sampled token ids "
               "(nats per answer, ± standard error).",
-              "- fluency NLL: mean per-token negative log-likelihood of the answers' text (EOS left out) under π_0; distinct-2: unique "
+              "- fluency NLL: mean per-token negative log-likelihood of the answers' text (EOS left out) "
+              "under π_0; distinct-2: unique "
               "word bigrams / all bigrams over the answers; repeats: share of answers that repeat a line or a "
               "phrase.",
               "- Files: `iterations.jsonl` (one row per iteration, ONLINE.md §0.4 keys), `iter_NN/` (samples with "
