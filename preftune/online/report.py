@@ -42,6 +42,28 @@ def eval_table(base: dict, rows: list[dict]) -> list[str]:
     return out
 
 
+def criteria(base: dict, last: dict) -> list[str]:
+    """Did the answers get better as a user would judge them? Greedy success must rise, and fluency, distinct-2
+    and repetition must stay within 10% of π_0's (``eval.quality.within_tolerance``), sampled and greedy."""
+    from preftune.eval.policy_eval import Mean, Rate
+    from preftune.eval.quality import QualityEval, within_tolerance
+
+    def q(e: dict) -> QualityEval:
+        return QualityEval(e["distinct2"], Rate(e["repeat_rate"], e["repeat_low"], e["repeat_high"], e["n"]),
+                           Mean(e["fluency_nll"], e["fluency_nll_se"], e["n"]))
+
+    checks = within_tolerance(q(base), q(last))
+    if base.get("greedy_distinct2") is not None and last.get("greedy_distinct2") is not None:
+        g = within_tolerance(QualityEval(base["greedy_distinct2"], Rate(base["greedy_repeat_rate"], 0, 0, 0)),
+                             QualityEval(last["greedy_distinct2"], Rate(last["greedy_repeat_rate"], 0, 0, 0)))
+        checks.update({f"greedy {k}": v for k, v in g.items()})
+    if base.get("greedy_success") is not None and last.get("greedy_success") is not None:
+        checks["greedy success rises"] = last["greedy_success"] > base["greedy_success"]
+    checks["sampled success rises"] = last.get("success", 0) > base.get("success", 0)
+    return ["| check (last iterate vs π_0) | holds |", "|---|---|"] + [
+        f"| {k.replace('_', '-')} | {'yes' if v else '**no**'} |" for k, v in checks.items()]
+
+
 def plot(out: Path, base: dict, rows: list[dict]) -> Path | None:
     import matplotlib
 
@@ -104,6 +126,12 @@ def write_report(out: Path, cfg, base: dict, rows: list[dict], log=print) -> Pat
              f"{cfg.heldout_samples} samples (temperature {summary['temperature']}, top-p {summary['top_p']}, "
              f"the same seed every iteration) plus one greedy answer each.", "",
              "## Held-out, per iterate", "", *eval_table(base, rows), ""]
+    last = {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}
+    if base.get("fluency_nll") is not None and last.get("fluency_nll") is not None:
+        lines += ["## Better answers, or only a higher score?", "",
+                  "Fluency within 10% (NLL ≤ 1.1 × π_0's), distinct-2 ≥ 0.9 × π_0's, repeating answers at most "
+                  "10 points more than π_0's (`preftune.eval.quality.within_tolerance`):", "",
+                  *criteria(base, last), ""]
     if cfg.plot and rows:
         p = plot(out, base, rows)
         if p:
