@@ -133,14 +133,10 @@ class RewardConfig(RunConfig):
             )
         return self
 
-    # The shared loop (train/loop.py) reads these two; a reward model never has a reference.
     def objective(self):
         from preftune.losses import get
 
         return get(self.loss)
-
-    def resolved_reference(self) -> str:
-        return "none"
 
     def loss_hyperparameters(self) -> dict[str, Any]:
         params = dict(self.loss_params)
