@@ -66,7 +66,7 @@ def register(task: Task) -> Task:
 
 
 def _load_builtins() -> None:
-    from preftune.tasks import word_limit  # noqa: F401  (registers itself)
+    from preftune.tasks import two_sentences, word_limit  # noqa: F401  (each registers itself)
 
 
 def get_task(name: str) -> Task:
