@@ -6,7 +6,8 @@ iteration:
 - greedy success, and the greedy answers (over-optimisation shows there first);
 - KL to π_0 and to π_{t−1}: mean of ℓ_t(y) − ℓ_ref(y) over the sampled answers (Monte Carlo, on the
   sampled token ids);
-- fluency: mean per-token NLL of the answers' text under π_0 (the base model), EOS left out;
+- fluency: mean per-token NLL of the answers' text under π_0 (the base model), EOS left out, over the whole
+  answer and over its first 8 tokens (length-matched);
 - repetition: distinct-2 over the answers and the share of answers that repeat a line or phrase;
 - win rates against π_{t−1} and π_0: the task judge on sample k of the same prompt, ties ½.
 Every sample is written next to the figures (``heldout.jsonl``).
@@ -17,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from preftune.online import store
+
+HEAD = 8  # tokens of each answer in the length-matched fluency
 
 
 def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int) -> dict:
@@ -66,7 +69,13 @@ def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int) -> dict:
                       for c, p in zip(cs, ps, strict=True)])
         ev.update(kl_prev=kp.value, kl_prev_se=kp.se)
     fl = mean_se(nll)
-    ev.update(fluency_nll=fl.value, fluency_nll_se=fl.se, distinct2=distinct_n(texts, 2))
+    # The mean over a whole answer favours long answers (an answer's first tokens are its least predictable),
+    # so a policy that answers shorter reads as less fluent even in plain sentences. The first HEAD tokens
+    # of every answer compare like with like across lengths.
+    head = mean_se([float(-b[: min(HEAD, len(b) - int(f))].mean()) for bs, fs in zip(base, fin, strict=True)
+                    for b, f in zip(bs, fs, strict=True) if len(b) > int(f)])
+    ev.update(fluency_nll=fl.value, fluency_nll_se=fl.se, fluency_nll_head=head.value,
+              fluency_nll_head_se=head.se, distinct2=distinct_n(texts, 2))
     rep = wilson(sum(repeats(x) for x in texts), len(texts))
     ev.update(repeat_rate=rep.value, repeat_low=rep.low, repeat_high=rep.high)
     rows = _rows(gens, js, "sampled")
