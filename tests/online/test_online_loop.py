@@ -159,3 +159,14 @@ def test_reward_model_judge_with_another_tokenizer(tmp_path, tiny_folder):
     # training used the sampled ids, not a re-tokenisation
     pairs = [json.loads(x) for x in (out / "iter_01" / "train_input.jsonl").read_text().splitlines()]
     assert pairs and all(0 <= p["w"] < 4 and 0 <= p["l"] < 4 for p in pairs)
+
+
+def test_demo_quick_runs_the_iterative_recipe(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--quick", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(_rows(out)) == 2 and (out / "report.md").exists()
+    report = (out / "report.md").read_text()
+    for section in ("## Held-out, per iterate", "## Better answers, or only a higher score?", "## Settings"):
+        assert section in report
+    assert "held-out success (sampled)" in res.output
