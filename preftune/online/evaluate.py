@@ -69,9 +69,8 @@ def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int) -> dict:
                       for c, p in zip(cs, ps, strict=True)])
         ev.update(kl_prev=kp.value, kl_prev_se=kp.se)
     fl = mean_se(nll)
-    # The mean over a whole answer favours long answers (an answer's first tokens are its least predictable),
-    # so a policy that answers shorter reads as less fluent even in plain sentences. The first HEAD tokens
-    # of every answer compare like with like across lengths.
+    # The mean over a whole answer may favour long answers when their later tokens are the more predictable
+    # ones; the first HEAD tokens of every answer compare like with like across lengths.
     head = mean_se([float(-b[: min(HEAD, len(b) - int(f))].mean()) for bs, fs in zip(base, fin, strict=True)
                     for b, f in zip(bs, fs, strict=True) if len(b) > int(f)])
     ev.update(fluency_nll=fl.value, fluency_nll_se=fl.se, fluency_nll_head=head.value,
