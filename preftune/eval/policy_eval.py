@@ -120,34 +120,16 @@ def sequence_log_ratios(
     model whose layers PEFT adapted in place), and its reference is itself with the adapters off.
     Empty responses are skipped.
     """
-    import torch
+    from preftune.model.scoring import response_token_logps
 
-    from preftune.model.engine import LogProbEngine, pack, scatter_stats
-
-    engine = LogProbEngine(model, chunk_size, prefix_sharing="off")
-    ref_engine = LogProbEngine(ref_model, chunk_size, prefix_sharing="off") if ref_model is not None else None
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[float] = []
-    try:
-        with torch.no_grad():
-            for s in range(0, len(prompt_ids), batch_size):
-                packed = pack(
-                    prompt_ids[s : s + batch_size], response_ids[s : s + batch_size], pad_id, device=device
-                )
-                pol = engine(**packed.tensors())["token_logps"]
-                if ref_engine is not None:
-                    ref = ref_engine(**packed.tensors())["token_logps"]
-                else:
-                    with adapter_disabled(model):
-                        ref = engine(**packed.tensors())["token_logps"]
-                diff, _, _ = scatter_stats(packed, pol.float() - ref.float(), False)  # (B, K)
-                diff = diff.cpu()
-                for b in range(packed.B):
-                    out.extend(float(diff[b, k]) for k in range(packed.K) if bool(packed.valid[b, k]))
-    finally:
-        model.train(was_training)
+    kw = dict(batch_size=batch_size, chunk_size=chunk_size)
+    policy = response_token_logps(model, prompt_ids, response_ids, pad_id, **kw)
+    if ref_model is not None:
+        ref = response_token_logps(ref_model, prompt_ids, response_ids, pad_id, **kw)
+    else:
+        ref = response_token_logps(model, prompt_ids, response_ids, pad_id, adapters_off=True, **kw)
+    out = [float((p - r).sum()) for ps, rs in zip(policy, ref, strict=True)
+           for p, r in zip(ps, rs, strict=True) if len(p)]
     return out
 
 

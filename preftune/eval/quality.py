@@ -17,12 +17,11 @@ answered "What is special about tea? Answer in at most 10 words." with
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 
-from preftune.eval.policy_eval import Mean, Rate, adapter_disabled, mean_se, wilson
+from preftune.eval.policy_eval import Mean, Rate, mean_se, wilson
 
 # A word: a run of letters/digits, with inner apostrophes ("don't"). Case-folded, punctuation dropped,
 # so "Tea." and "tea" are one word and "- " bullets are no word at all.
@@ -156,33 +155,14 @@ def fluency_nll(
     their samples) per forward. Log-probs come from ``preftune.model.engine`` (the same code as the
     KL estimate and training), summed in float64.
     """
-    import torch
+    from preftune.model.scoring import response_token_logps
 
-    from preftune.model.engine import LogProbEngine, pack, scatter_stats
-
-    engine = LogProbEngine(base_model, chunk_size, prefix_sharing="off")
-    device = next(base_model.parameters()).device
-    use_base = adapter_disabled(base_model) if adapters_off and _has_adapters(base_model) else contextlib.nullcontext()
-    per_answer: list[float] = []
-    was_training = base_model.training
-    base_model.eval()  # dropout off: the score of a fixed sequence must be deterministic
-    try:
-        with torch.no_grad(), use_base:
-            for s in range(0, len(generations.prompt_ids), batch_size):
-                prompts = generations.prompt_ids[s : s + batch_size]
-                responses = [[x.token_ids for x in row] for row in generations.samples[s : s + batch_size]]
-                if not any(r for rs in responses for r in rs):
-                    continue  # every answer of these prompts is empty: nothing to score
-                packed = pack(prompts, responses, pad_id, device=device)
-                token_logps = engine(**packed.tensors())["token_logps"]
-                seq, _, _ = scatter_stats(packed, token_logps.double(), False)  # (B, K) summed log-probs
-                seq = seq.cpu()
-                for b in range(packed.B):
-                    for k in range(packed.K):
-                        if bool(packed.valid[b, k]):
-                            per_answer.append(-float(seq[b, k]) / float(packed.lengths[b, k]))
-    finally:
-        base_model.train(was_training)
+    responses = [[x.token_ids for x in row] for row in generations.samples]
+    token_logps = response_token_logps(
+        base_model, generations.prompt_ids, responses, pad_id,
+        adapters_off=adapters_off and _has_adapters(base_model), batch_size=batch_size, chunk_size=chunk_size,
+    )
+    per_answer = [-float(t.double().sum()) / len(t) for row in token_logps for t in row if len(t)]
     return mean_se(per_answer)
 
 

@@ -355,12 +355,12 @@ class OnlineRun:
                                                       rng=rng, length_penalty=self.cfg.length_penalty,
                                                       min_margin=self.cfg.min_margin)]
             ties += not pairs
+            wr = win_rates(j.P) if "win_probs" in self.alg.inputs else None
             for stage, p in pairs:
                 r = {"prompt": i, "w": p.w, "l": p.l, "margin": p.margin, "stage": stage}
                 if p.kind:
                     r["kind"] = p.kind
-                if "win_probs" in self.alg.inputs:
-                    wr = win_rates(j.P)
+                if wr is not None:
                     r["win_probs"] = [wr[p.w], wr[p.l]]
                     r["pair_win_prob"] = j.P[p.w][p.l]
                 rows.append(r)
