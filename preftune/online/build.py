@@ -48,31 +48,37 @@ def win_rates(P: Sequence[Sequence[float]], include_self: bool = True) -> list[f
     return [(sum(P[i]) - P[i][i]) / (k - 1) for i in range(k)]
 
 
-def _order(scores: Sequence[float], lengths: Sequence[int] | None = None) -> list[int]:
-    """Best first; equal scores keep the sample order (RLHFlow's argmax/argmin take the first index; samples
-    are exchangeable, so this is unbiased, while a length tie-break would teach length)."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+def _order(scores: Sequence[float], lengths: Sequence[int] | None = None,
+           tiebreak: Sequence[float] | None = None) -> list[int]:
+    """Best first. Equal scores keep the sample order (RLHFlow's argmax/argmin take the first index; samples
+    are exchangeable, so this is unbiased, while a length tie-break would teach length), or, with
+    ``tiebreak`` (higher first: the loop's ``tie_break=fluency`` passes each sample's mean token log-prob
+    under π_0), the more fluent of two equal scores ranks higher: the chosen is the most natural of the
+    best answers and the rejected the least natural of the worst."""
+    if tiebreak is None:
+        return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], -tiebreak[i], i))
 
 
 def _pair(scores, w: int, l: int) -> list[Pair]:
     return [Pair(w, l, scores[w] - scores[l])] if scores[w] > scores[l] else []
 
 
-def max_min(scores, lengths=None, rng=None, **_) -> list[Pair]:
-    o = _order(scores, lengths)
+def max_min(scores, lengths=None, rng=None, tiebreak=None, **_) -> list[Pair]:
+    o = _order(scores, lengths, tiebreak)
     return _pair(scores, o[0], o[-1])
 
 
-def max_random(scores, lengths=None, rng: random.Random | None = None, **_) -> list[Pair]:
-    o = _order(scores, lengths)
+def max_random(scores, lengths=None, rng: random.Random | None = None, tiebreak=None, **_) -> list[Pair]:
+    o = _order(scores, lengths, tiebreak)
     rest = [i for i in o[1:] if scores[i] < scores[o[0]]]
     if not rest:
         return []
     return _pair(scores, o[0], (rng or random.Random(0)).choice(sorted(rest)))
 
 
-def max_max(scores, lengths=None, **_) -> list[Pair]:
-    o = _order(scores, lengths)
+def max_max(scores, lengths=None, tiebreak=None, **_) -> list[Pair]:
+    o = _order(scores, lengths, tiebreak)
     return _pair(scores, o[0], o[1]) if len(o) > 1 else []
 
 
@@ -82,12 +88,13 @@ def random_pair(scores, **_) -> list[Pair]:
     return _pair(scores, 0, 1) if scores[0] > scores[1] else _pair(scores, 1, 0)
 
 
-def max_min_p(scores, lengths=None, texts: Sequence[str] | None = None, length_penalty: float = 0.0, **_):
+def max_min_p(scores, lengths=None, texts: Sequence[str] | None = None, length_penalty: float = 0.0,
+              tiebreak=None, **_):
     """max_min on s_k − λ·len(y_k), len in characters (RLHFlow ``len_penalty``)."""
     if texts is None:
         raise ValueError("max_min_p needs the response texts")
     pen = [s - length_penalty * len(t) for s, t in zip(scores, texts, strict=True)]
-    o = _order(pen, lengths)
+    o = _order(pen, lengths, tiebreak)
     return [Pair(o[0], o[-1], pen[o[0]] - pen[o[-1]])] if pen[o[0]] > pen[o[-1]] else []
 
 
@@ -148,10 +155,10 @@ def large_margin(
     return out
 
 
-def curriculum_stages(scores, lengths=None, stages: int | None = None) -> list[list[Pair]]:
+def curriculum_stages(scores, lengths=None, stages: int | None = None, tiebreak=None) -> list[list[Pair]]:
     """Curry-DPO (ONLINE.md §9): stage s (1-based) pairs the best with rank K − s + 1: S1 = best vs worst,
     S2 = best vs second worst, … (K − 1 stages). Zero-gap pairs are dropped."""
-    o = _order(scores, lengths)
+    o = _order(scores, lengths, tiebreak)
     k = len(o)
     n = k - 1 if stages is None else min(stages, k - 1)
     return [_pair(scores, o[0], o[k - s]) for s in range(1, n + 1)]

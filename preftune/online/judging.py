@@ -27,6 +27,7 @@ class Judged:
     scores: list[float]
     P: list[list[float]] | None = None
     details: list[dict[str, Any]] = field(default_factory=list)
+    fluency: list[float] | None = None  # mean token log-prob under π_0 (tie_break=fluency)
 
 
 class SampleJudge:

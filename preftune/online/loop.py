@@ -182,6 +182,7 @@ class OnlineRun:
         self.rule = cfg.resolved("rule")
         self.ref_mode = cfg.resolved("ref_mode")
         self.timings: dict[str, float] = {}
+        self._init_logps: dict = {}
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -270,6 +271,7 @@ class OnlineRun:
             if not it.done("train"):
                 run_per_step(self, it, t)
         else:
+            self._init_logps = {}  # π_0 log-probs of this iteration's samples (tie_break=fluency)
             gens = self.sample_phase(it, t)
             judged = self.judge_phase(it, gens)
             if not it.done("build"):
@@ -319,14 +321,19 @@ class OnlineRun:
 
         path = it.file("judgements.jsonl")
         if it.done("judge"):
-            return [Judged(r["scores"], r.get("P"), r.get("details", [])) for r in store.read_jsonl(path)]
+            return [Judged(r["scores"], r.get("P"), r.get("details", []), r.get("fluency"))
+                    for r in store.read_jsonl(path)]
         need_p = "win_probs" in self.alg.inputs or self.rule == "tournament"
         self.judge.calls = 0
         judged = []
         t0 = time.perf_counter()
         for prompt, row in zip(gens.prompts, gens.samples, strict=True):
             judged.append(self.judge.judge_prompt(prompt, [s.text for s in row], [s.finished for s in row], need_p))
-        store.write_jsonl(path, [{"scores": j.scores, "P": j.P, "details": j.details} for j in judged])
+        extra = {}
+        if self.cfg.tie_break == "fluency":
+            extra["fluency_mean"] = self._fluency(gens, judged)
+        store.write_jsonl(path, [{"scores": j.scores, "P": j.P, "details": j.details,
+                                  **({"fluency": j.fluency} if j.fluency is not None else {})} for j in judged])
         top = [max(j.scores) for j in judged]
         flat = [s for j in judged for s in j.scores]
         it.finish("judge", {"judge_calls": self.judge.calls, "judge_seconds": time.perf_counter() - t0,
@@ -334,8 +341,24 @@ class OnlineRun:
                             "score_spread": _mean([max(j.scores) - min(j.scores) for j in judged]),
                             "all_tied": _mean([max(j.scores) == min(j.scores) for j in judged]),
                             "success": _mean([d.get("success", False) for j in judged for d in j.details])
-                            if judged and judged[0].details and "success" in judged[0].details[0] else None})
+                            if judged and judged[0].details and "success" in judged[0].details[0] else None,
+                            **extra})
         return judged
+
+    def _fluency(self, gens, judged) -> float | None:
+        """tie_break=fluency: each sample's mean token log-prob under π_0 (its EOS left out, as in the
+        evaluation's fluency), one pass over the sampled ids. The token log-probs are kept for the fixed
+        reference of this iteration's pairs, so no sample is scored under π_0 twice."""
+        rids = [[s.token_ids for s in row] for row in gens.samples]
+        lps = self.policy.token_logps(gens.prompt_ids, rids, "init")
+        self._init_logps = {(i, k): lp for i, row in enumerate(lps) for k, lp in enumerate(row)}
+        for j, row, lp_row in zip(judged, gens.samples, lps, strict=True):
+            flu = []
+            for sample, lp in zip(row, lp_row, strict=True):
+                body = lp[:-1] if sample.finished and len(lp) > 1 else lp
+                flu.append(float(body.mean()) if len(body) else -1e9)  # no token: least fluent (strict JSON)
+            j.fluency = flu
+        return _mean([f for j in judged for f in j.fluency if f > -1e9])
 
     def build_phase(self, it: IterationDir, t: int, gens, judged) -> None:
         """Pairs by the algorithm's rule, the inputs its objective needs, and reference log-probs."""
@@ -346,14 +369,14 @@ class OnlineRun:
             texts = [s.text for s in row]
             lengths = [s.num_tokens for s in row]
             if self.alg.shape == "stages":
-                stages = curriculum_stages(j.scores, lengths, self.cfg.curry_stages)
+                stages = curriculum_stages(j.scores, lengths, self.cfg.curry_stages, tiebreak=j.fluency)
                 pairs = [(s + 1, p) for s, ps in enumerate(stages) for p in ps]
             elif self.rule == "large_margin":
                 pairs = [(0, p) for p in self._dno_pairs(gens.prompts[i], j, row)]
             else:
                 pairs = [(0, p) for p in build_pairs(self.rule, j.scores, P=j.P, lengths=lengths, texts=texts,
                                                       rng=rng, length_penalty=self.cfg.length_penalty,
-                                                      min_margin=self.cfg.min_margin)]
+                                                      min_margin=self.cfg.min_margin, tiebreak=j.fluency)]
             ties += not pairs
             wr = win_rates(j.P) if "win_probs" in self.alg.inputs else None
             for stage, p in pairs:
@@ -457,7 +480,7 @@ class OnlineRun:
         current = self.policy.token_logps(pids, rids) if mode != "fixed" or "prev_logps" in self.alg.inputs \
             else None
         if mode == "fixed":
-            ref = self.policy.token_logps(pids, rids, "init")
+            ref = self._cached_init(rows, examples) or self.policy.token_logps(pids, rids, "init")
         elif mode == "previous":
             ref = current
         else:  # APO: log π̂_t = (1+α)·log π_t − α·log π_{t−1} (π̂_0 = π_0); pair differences are exact
@@ -469,6 +492,20 @@ class OnlineRun:
             for r, cs in zip(rows, current, strict=True):
                 r["prev_logps"] = [float(x.sum()) for x in cs]
         ReferenceCache(ref).save(it.file("reference.safetensors"))
+
+    def _cached_init(self, rows, examples) -> list[list[torch.Tensor]] | None:
+        """π_0 token log-probs of the pairs from the judge phase's fluency pass (same process only; a replayed
+        pair or a teacher response was not in it, and then everything is scored afresh)."""
+        cache = self._init_logps
+        if not cache:
+            return None
+        out = []
+        for r, e in zip(rows, examples, strict=True):
+            keys = [(r["prompt"], r["w"]), (r["prompt"], r["l"])]
+            if "from_iteration" in r or any(k not in cache for k in keys):
+                return None
+            out.append([cache[k][: len(ids)] for k, ids in zip(keys, e.response_ids, strict=True)])
+        return out
 
     # ------------------------------------------------------------------ training
     def train_config(self, it_dir: Path, t: int, steps_override: int | None = None):
@@ -558,6 +595,8 @@ class OnlineRun:
                     "iter/len_mean": s.get("len_mean"), "iter/judge_calls": j.get("judge_calls"),
                     "iter/score_mean": j.get("score_mean"), "iter/score_top1": j.get("score_top1"),
                     "iter/score_spread": j.get("score_spread"), "iter/prompts_dropped": 0})
+        if "fluency_mean" in j:
+            row["iter/fluency_mean"] = j["fluency_mean"]
         row.update({f"iter/{k}": v for k, v in b.items()})
         row.update({k if k.startswith(("train/", "objective/", "val/")) else f"train/{k}": v
                     for k, v in m.get("train", {}).items()})

@@ -24,6 +24,17 @@ def test_max_min_best_vs_worst_and_ties_dropped():
     assert build_pairs("max_min", [1.0, 0.0, 0.0])[0].l == 2
 
 
+def test_fluency_tie_break_orders_equal_scores_only():
+    s, flu = [1.0, 1.0, 0.0, 0.0, 0.5], [-3.0, -1.0, -0.5, -2.0, -9.0]
+    # best: sample 1 (the more fluent of the two 1.0s); worst: sample 3 (the less fluent of the two 0.0s);
+    # sample 4's fluency does not lift it over anything (scores decide first)
+    assert build_pairs("max_min", s, tiebreak=flu) == [Pair(1, 3, 1.0)]
+    assert build_pairs("max_min", s) == [Pair(0, 3, 1.0)]  # without it: first best, last worst
+    assert build_pairs("max_max", s, tiebreak=flu) == []  # best vs second best: tied, so no pair
+    assert build_pairs("max_random", s, tiebreak=flu, rng=random.Random(0))[0].w == 1
+    assert [p for st in curriculum_stages(s, tiebreak=flu) for p in st][0] == Pair(1, 3, 1.0)
+
+
 def test_other_rules():
     s = [0.3, 0.9, 0.1, 0.6]
     assert build_pairs("max_max", s) == [Pair(1, 3, pytest.approx(0.3))]

@@ -116,6 +116,45 @@ def test_resume_after_kill_between_phases_gives_the_same_rows(tmp_path, tiny_fol
     assert _untimed(_rows(cut)) == _untimed(_rows(full_sppo_run))
 
 
+def test_fluency_tie_break_picks_the_most_natural_best_and_reuses_its_reference(tmp_path, tiny_folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from preftune.model.reference import ReferenceCache
+    from preftune.model.scoring import response_token_logps
+
+    out = tmp_path / "flu"
+    _run(["--model", tiny_folder, "--task", "tiny_letters", "--iterations", "1", "--output", str(out), *QUICK,
+          "--set", "tie_break=fluency", "--set", "ref_mode=fixed", "--set", "k=4"])
+    it = out / "iter_01"
+    samples = [json.loads(x) for x in (it / "samples.jsonl").read_text().splitlines()]
+    judged = [json.loads(x) for x in (it / "judgements.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (it / "train_input.jsonl").read_text().splitlines()]
+    assert pairs
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
+    for row, j in zip(samples, judged, strict=True):
+        lps = response_token_logps(model, [row["prompt_ids"]], [[s["token_ids"] for s in row["samples"]]], 0)[0]
+        want = [float((lp[:-1] if s["finished"] else lp).mean()) for s, lp in zip(row["samples"], lps)]
+        assert j["fluency"] == pytest.approx(want, abs=1e-4)  # mean token log-prob under π_0, EOS left out
+    for p in pairs:
+        sc, flu = judged[p["prompt"]]["scores"], judged[p["prompt"]]["fluency"]
+        best = [i for i, x in enumerate(sc) if x == max(sc)]
+        worst = [i for i, x in enumerate(sc) if x == min(sc)]
+        assert p["w"] == max(best, key=lambda i: flu[i]) and p["l"] == min(worst, key=lambda i: flu[i])
+    # the fixed reference comes from the fluency pass: equal to scoring the pairs under π_0 afresh
+    ref = ReferenceCache.load(it / "reference.safetensors").token_logps
+    assert len(ref) == len(pairs)
+    for p, got in zip(pairs, ref, strict=True):
+        row = samples[p["prompt"]]
+        ids = [row["samples"][p["w"]]["token_ids"], row["samples"][p["l"]]["token_ids"]]
+        want = response_token_logps(model, [row["prompt_ids"]], [ids], 0)[0]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    rows = _rows(out)
+    assert rows[0]["iter/fluency_mean"] == pytest.approx(
+        sum(f for j in judged for f in j["fluency"]) / sum(len(j["fluency"]) for j in judged), abs=1e-6)
+
+
 def test_existing_output_needs_resume(tmp_path, tiny_folder):
     out = tmp_path / "o"
     args = ["--model", tiny_folder, "--task", "tiny_letters", "--iterations", "1", "--output", str(out), *QUICK]
