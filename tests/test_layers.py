@@ -39,6 +39,8 @@ def _layer(dotted: str) -> str:
     """The layer of a preftune module: its first component under preftune (``preftune`` alone: ROOT)."""
     parts = dotted.split(".")
     assert parts[0] == "preftune", dotted
+    if parts[1:] == ["__main__"]:  # `python -m preftune`: the command line's entry point, so in its layer
+        return "cli"
     return parts[1] if len(parts) > 1 else ROOT
 
 
