@@ -174,10 +174,18 @@ def train_cmd(
     with _user_errors():
         cfg = load_config(config, {**overrides, **parse_set(set_ or [])})
         result = train(cfg)
-    typer.echo(
-        f"done: {result.steps} steps; metrics in {result.output_dir / 'metrics.jsonl'}"
-        + (f"; model in {result.model_dir}" if result.model_dir else "")
-    )
+    if _is_main_process():
+        typer.echo(
+            f"done: {result.steps} steps; metrics in {result.output_dir / 'metrics.jsonl'}"
+            + (f"; model in {result.model_dir}" if result.model_dir else "")
+        )
+
+
+def _is_main_process() -> bool:
+    """Under a launcher (accelerate launch, torchrun) only the process of rank 0 reports."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 class _user_errors:

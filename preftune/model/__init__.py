@@ -35,6 +35,7 @@ _EXPORTS = {
         "is_peft_model",
         "reference_logits_context",
         "save_final",
+        "unsharded_copy",
         "unwrap_model",
     ),
 }

@@ -401,6 +401,13 @@ class LogProbEngine(nn.Module):
         self._shares: bool | None = None
         self.prefix_sharing_reason = ""
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The wrapped model's decoder-layer classes: accelerate's FSDP auto-wrap reads this from the module
+        it prepares (the engine), so each layer becomes its own FSDP unit, gathered only while it runs."""
+        lm, _, _ = split_lm(self.model)
+        return getattr(lm, "_no_split_modules", None)
+
     def shares_prefix(self) -> bool:
         """Whether batches for this engine should be packed with ``share_prefix=True`` (decided once)."""
         if self._shares is None:
@@ -553,9 +560,12 @@ def policy_stats(
 def reference_stats(
     engine: LogProbEngine, packed: PackedBatch, ref_model: nn.Module | None, need_tokens: bool
 ) -> RefStats:
-    """Reference log-probs through the same engine: ``ref_model`` if given, else the engine's own
-    model with its LoRA adapter disabled (no second copy of the weights)."""
-    if ref_model is not None:
+    """Reference log-probs through the same engine: ``ref_model`` if given (a model, or a ``LogProbEngine``
+    around one: a sharded reference is sharded as an engine, so its whole forward runs through the
+    engine), else the engine's own model with its LoRA adapter disabled (no second copy of the weights)."""
+    if isinstance(ref_model, LogProbEngine):
+        out = ref_model(**packed.tensors())
+    elif ref_model is not None:
         ref_engine = LogProbEngine(ref_model, engine.chunk_size, prefix_sharing="off")
         out = ref_engine(**packed.tensors())
     else:

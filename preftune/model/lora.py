@@ -201,6 +201,51 @@ def save_final(
     return out_dir
 
 
+def unsharded_copy(model, state_dict: dict):
+    """A plain CPU copy of ``model`` (a Hugging Face model, PEFT-wrapped or not) holding ``state_dict``: the
+    full weights of a sharded (FSDP2) ``model`` gathered on one process, keyed as ``model.state_dict()``.
+
+    The copy is built on the meta device and its tensors assigned from ``state_dict`` (no initialisation, no
+    second copy); buffers that a state dict leaves out (rotary frequencies) come from ``model``, which keeps
+    them whole on every process. ``save_final`` then writes it as it writes any model.
+    """
+    import itertools
+
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    from preftune.model.loading import BASE_SPEC_ATTR
+
+    peft = is_peft_model(model)
+    base = model.get_base_model() if peft else model
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses in place
+    with torch.device("meta"):
+        out = cls(copy.deepcopy(base.config))
+    out.generation_config = copy.deepcopy(getattr(base, "generation_config", None))
+    for attr in ("name_or_path", BASE_SPEC_ATTR):  # what _save_adapter records as the adapter's base
+        if attr in base.__dict__:
+            out.__dict__[attr] = base.__dict__[attr]
+    if peft:
+        from peft import get_peft_model
+
+        names = list(model.peft_config)
+        with quiet_peft_deprecations():
+            out = get_peft_model(out, copy.deepcopy(model.peft_config[names[0]]), adapter_name=names[0])
+            for name in names[1:]:
+                out.add_adapter(name, copy.deepcopy(model.peft_config[name]))
+    out.load_state_dict(state_dict, strict=True, assign=True)
+    for name, buf in model.named_buffers():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = out.get_submodule(owner_name)
+        if owner._buffers.get(leaf) is not None and owner._buffers[leaf].is_meta:
+            owner._buffers[leaf] = buf.detach().cpu().clone()
+    (out.get_base_model() if peft else out).tie_weights()  # assignment unties shared embeddings
+    left = [n for n, t in itertools.chain(out.named_parameters(), out.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"the gathered state dict lacks {left[:3]}: cannot rebuild {cls.__name__} from it")
+    return out.eval()
+
+
 # Files that mark a folder as a saved model (full weights, or an adapter).
 _MODEL_MARKERS = ("config.json", "adapter_config.json")
 

@@ -34,7 +34,10 @@ def model_fingerprint(model: nn.Module) -> str:
         if "lora_" in name:
             continue
         h.update(name.encode())
-        t = p.detach().cpu().contiguous()
+        t = p.detach()
+        if hasattr(t, "full_tensor"):  # a DTensor shard (FSDP2): hash the whole tensor, the same on every process
+            t = t.full_tensor()
+        t = t.cpu().contiguous()
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

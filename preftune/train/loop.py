@@ -21,6 +21,7 @@ import torch
 from preftune.losses.base import LossOutput, PolicyStats
 from preftune.model.engine import LogProbEngine, live_reference_inputs, pack, policy_stats, reference_stats
 from preftune.train import checkpoint as ckpt
+from preftune.train import distributed
 from preftune.train.config import TrainConfig
 from preftune.train.inputs import provide_inputs
 from preftune.train.outputs import MetricsLogger, plot_metrics
@@ -109,6 +110,8 @@ class Forward(abc.ABC):
     engine: torch.nn.Module
     pad_id: int
     loss_state = None  # the objective's running state (BCO's δ, β-DPO's EMAs), checkpointed; None: stateless
+    # Whether this forward has been tested under FSDP2 (two processes ≡ one); the Runner refuses the others.
+    supports_sharding = False
 
     def attach(self, runner: Runner) -> None:  # noqa: B027 (a hook; most forwards need nothing here)
         """Once, after accelerate has prepared the engine and before any step or resume."""
@@ -129,10 +132,15 @@ class PolicyForward(Forward):
     LoRA adapter disabled, or log-probs computed before the first step and cached on disk.
     """
 
+    supports_sharding = True
+
     def __init__(self, cfg: TrainConfig, obj, params: dict, policy, ref_model, tokenizer):
         self.cfg, self.obj, self.params = cfg, obj, params
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.engine = LogProbEngine(policy, cfg.logits_chunk, prefix_sharing=cfg.prefix_sharing, fused_head=cfg.compile)
+        # Decided now, on the whole model: the check runs the model outside the engine's forward, which a
+        # sharded model (FSDP2 gathers the engine's own weights only for the engine's forward) cannot.
+        self.engine.shares_prefix()
         self.ref_mode = cfg.resolved_reference()
         self.ref_model = ref_model
         self.need_tokens = obj.token_level  # per-token log-probs of policy and reference (registry)
@@ -140,7 +148,13 @@ class PolicyForward(Forward):
         self.ref_caches: dict = {}
 
     def attach(self, runner: Runner) -> None:
-        if self.ref_model is not None:
+        runner.acc.print(f"prefix sharing: {'on' if self.engine.shares_prefix() else 'off'} "
+                         f"({self.engine.prefix_sharing_reason})")
+        if self.ref_model is not None and runner.kind == "fsdp2":
+            # The frozen copy is sharded like the policy, and as an engine, so its head is gathered with it.
+            ref = LogProbEngine(self.ref_model, self.cfg.logits_chunk, prefix_sharing="off")
+            self.ref_model = distributed.shard_frozen(runner.acc, ref)
+        elif self.ref_model is not None:
             self.ref_model = self.ref_model.to(runner.acc.device)
         # Before anything trains (and before a resume loads trained weights): with a full fine-tune
         # and no frozen copy, the untouched policy is the reference.
@@ -196,6 +210,10 @@ class Runner:
         self.out = cfg.output_dir
         self.ckpt_root = self.out / "checkpoints"
         self.clock = now()  # when the run started (run() restarts it; a resume carries the elapsed time on)
+        self.kind = distributed.kind(acc)  # single, ddp, fsdp2 (train/distributed.py)
+        if self.kind == "fsdp2" and not forward.supports_sharding:
+            raise ValueError(f"{type(forward).__name__} is not tested under FSDP2; launch it with "
+                             "configs/accelerate/ddp.yaml")
 
         forward.engine.train()
         trainable = [p for p in forward.engine.parameters() if p.requires_grad]
@@ -378,7 +396,13 @@ class Runner:
             self.ckpt_root, self.step, model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
             trainer_state=state, loss_state=self.loss_state, process_index=self.acc.process_index,
             is_main=self.acc.is_main_process, wait=self.acc.wait_for_everyone, keep=self.cfg.save_total_limit,
+            shards=self.shards,
         )
+
+    @property
+    def shards(self) -> int | None:
+        """Processes holding one shard each of the weights (FSDP2); None: every process holds them whole."""
+        return self.world if self.kind == "fsdp2" else None
 
     def maybe_resume(self) -> dict | None:
         """With ``resume``: load the latest checkpoint and return its trainer state (None: fresh start)."""
@@ -392,7 +416,7 @@ class Runner:
         if state.get("loss") != self.cfg.loss:
             raise ValueError(f"{found[-1]}: checkpoint was trained with loss={state.get('loss')}, not {self.cfg.loss}")
         ckpt.load_checkpoint(found[-1], model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
-                             loss_state=self.loss_state, process_index=self.acc.process_index)
+                             loss_state=self.loss_state, process_index=self.acc.process_index, shards=self.shards)
         self.step = int(state["step"])
         self.acc.print(f"resumed from {found[-1]} at step {self.step}")
         return state
@@ -401,8 +425,16 @@ class Runner:
         """The trained model in ``output/model``, in the layout its forward defines."""
         self.acc.wait_for_everyone()
         target = self.out / "model"
+        model = self.base_engine.model
+        if self.kind == "fsdp2":  # gathered into a plain copy on the main process (every process takes part)
+            from preftune.model import unsharded_copy
+
+            full = distributed.full_state_dict(self.base_engine)  # keyed as the engine's: "model.<name>"
+            if self.acc.is_main_process:
+                model = unsharded_copy(model, {k.removeprefix("model."): v for k, v in full.items()})
+            del full
         if self.acc.is_main_process:
-            self.forward.save_final(self.base_engine.model, self.tokenizer, target)
+            self.forward.save_final(model, self.tokenizer, target)
         self.acc.wait_for_everyone()
         return target
 
@@ -420,8 +452,10 @@ def eval_shard(n: int, world: int, rank: int) -> tuple[list[int], list[bool]]:
 
 def precompute_reference(forward: PolicyForward, runner: Runner, dataset):
     """Reference token log-probs for every example of ``dataset``, from the disk cache when the model,
-    data and tokenisation are unchanged; computed once otherwise (in this process's share)."""
+    data and tokenisation are unchanged; computed once otherwise, each process scoring its share, and
+    written (atomically) by one process per machine."""
     from preftune.data import collate
+    from preftune.model import is_peft_model
     from preftune.model.reference import (
         ReferenceCache,
         cache_key,
@@ -431,42 +465,60 @@ def precompute_reference(forward: PolicyForward, runner: Runner, dataset):
     )
 
     cfg, acc = runner.cfg, runner.acc
-    ref_weights = forward.ref_model if forward.ref_model is not None else runner.base_engine.model
+    engine = runner.base_engine
+    ref_weights = forward.ref_model if forward.ref_model is not None else engine.model
     key = cache_key(model_fingerprint(ref_weights), data_fingerprint(dataset.examples),
                     {"precision": cfg.precision, "pad": forward.pad_id})
     path = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
     path = path / f"{key}.safetensors"
-    if path.exists():
+    # Every process must take the same branch (under FSDP2 a forward is collective): a hit only when all
+    # of them see the file (a cache folder that is not shared between machines misses on the others).
+    if _on_every_process(acc, path.exists()):
         acc.print(f"reference log-probs: cache hit {path}")
         return ReferenceCache.load(path)
-    acc.print(f"reference log-probs: computing for {len(dataset)} examples (cached at {path})")
-    token_logps: list = [None] * len(dataset)
-    from preftune.model import is_peft_model
-
-    engine = runner.base_engine
-    # Before the first step a full fine-tune's policy *is* the reference; LoRA disables its adapter.
+    acc.print(f"reference log-probs: computing for {len(dataset)} examples on {acc.num_processes} "
+              f"process(es) (cached at {path})")
+    # Before the first step a full fine-tune's policy *is* the reference (the engine itself, so that a
+    # sharded model runs through its engine's forward); LoRA disables its adapter.
     ref_model = forward.ref_model
     if ref_model is None and not is_peft_model(engine.model):
-        ref_model = engine.model
+        ref_model = engine
     was_training = engine.training
     engine.eval()
     bs = max(1, cfg.batch_size)
-    for s in range(0, len(dataset), bs):
-        idx = list(range(s, min(s + bs, len(dataset))))
+    mine, counted = eval_shard(len(dataset), acc.num_processes, acc.process_index)
+    scored: list[tuple[int, list[torch.Tensor]]] = []
+    for s in range(0, len(mine), bs):
+        idx = mine[s : s + bs]
         batch = collate([dataset.examples[i] for i in idx])
         packed = pack(batch.prompt_ids, batch.response_ids, forward.pad_id, device=acc.device,
                       share_prefix=engine.shares_prefix())
         with acc.autocast():
             ref = reference_stats(engine, packed, ref_model, need_tokens=True)
         for b, i in enumerate(idx):
-            n_resp = len(dataset.examples[i].response_ids)
-            token_logps[i] = [ref.token_logps[b, k, : int(packed.lengths[b, k])].float().cpu() for k in range(n_resp)]
+            if not counted[s + b]:  # a repeat that only keeps the processes' forwards in step
+                continue
+            lengths = packed.lengths[b, : len(dataset.examples[i].response_ids)].tolist()
+            scored.append((i, [ref.token_logps[b, k, : int(n)].float().cpu() for k, n in enumerate(lengths)]))
     engine.train(was_training)
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        scored = gather_object(scored)
+    token_logps: list = [None] * len(dataset)
+    for i, logps in scored:
+        token_logps[i] = logps
     cache = ReferenceCache(token_logps)
-    if acc.is_main_process:
+    if acc.is_local_main_process:
         cache.save(path)
+    acc.wait_for_everyone()
     return cache
 
+
+def _on_every_process(acc, flag: bool) -> bool:
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.gather(torch.tensor([float(flag)], device=acc.device)).min() > 0)
 
 
 def _logps(out: Micro):

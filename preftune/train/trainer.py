@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from preftune.train import distributed
 from preftune.train.config import TrainConfig
 
 
@@ -40,6 +41,12 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
     obj = cfg.objective()
     params = obj.resolve(cfg.loss_hyperparameters())
     acc = start_run(cfg)
+    refused = distributed.refusals(cfg, obj, distributed.kind(acc))
+    if refused:
+        raise ValueError(f"not run under {distributed.kind(acc)}: " + "; ".join(refused))
+    if model is not None and distributed.kind(acc) == "fsdp2":
+        raise ValueError("under FSDP2 preftune loads the model itself (cfg.model): sharding replaces a passed-in "
+                         "model's weights in place, under the caller's feet")
 
     # ---- data
     if tokenizer is None:
@@ -124,7 +131,13 @@ def make_accelerator(**kwargs):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(**kwargs)
+    # The loop steps the schedule once per optimizer step, over steps counted for the global batch
+    # (steps_for); accelerate's default would step it once per process, decaying it num_processes times
+    # too fast in any multi-process run.
+    kwargs.setdefault("step_scheduler_with_optimizer", False)
+    acc = Accelerator(**kwargs)
+    distributed.adopt_launch(acc)  # FSDP2 on CPU processes too; refuses what preftune does not run
+    return acc
 
 
 def steps_for(cfg: TrainConfig, n_examples: int, world: int) -> tuple[int, int]:
