@@ -9,6 +9,13 @@ Determinism: batch ``i`` runs under ``torch.manual_seed(seed + i)`` inside a for
 same prompts, seed and ``batch_size`` give the same samples, and the caller's RNG is untouched.
 Left padding with an explicit attention mask makes a prompt's greedy output the same alone or in a
 batch (a test checks it).
+
+Two engines give the same interface: ``"hf"`` (``transformers.generate``, one call per batch) and
+``"fast"`` (``preftune.online.sampler``: each prompt prefilled once and shared by its ``n`` samples,
+a preallocated cache, finished samples retired, top-p without a full-vocabulary sort). ``"auto"``,
+the default, is ``"fast"`` for models whose attention goes through transformers' attention
+interface and ``"hf"`` otherwise. The two draw differently from the same seed (same distribution,
+different random streams); each is deterministic on its own.
 """
 
 from __future__ import annotations
@@ -85,6 +92,19 @@ def eos_ids(tokenizer, model=None) -> list[int]:
     return sorted(ids)
 
 
+ENGINES = ("auto", "fast", "hf")
+
+
+def resolve_engine(model, engine: str = "auto") -> str:
+    """``"auto"`` -> ``"fast"`` when the model's attention goes through transformers' attention
+    interface (the fast engine swaps its own attention function in there), else ``"hf"``."""
+    if engine != "auto":
+        return engine
+    from preftune.online.sampler import supports
+
+    return "fast" if supports(model) else "hf"
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -99,11 +119,14 @@ def generate(
     batch_size: int = 16,
     chat_template: str = "auto",
     progress: Callable[[int], None] | None = None,
+    engine: str = "auto",
 ) -> Generations:
     """Sample ``n`` responses for each prompt (``temperature=0``: greedy, then ``n`` must be 1).
 
-    ``batch_size`` counts sequences (prompt × sample) per ``generate`` call. ``progress(k)`` is
-    called after each batch with the number of sequences it produced (e.g. a tqdm ``update``).
+    ``batch_size`` counts sequences (prompt × sample) per batch (``"fast"`` keeps a prompt's ``n``
+    samples in one batch: ``max(1, batch_size // n)`` prompts). ``progress(k)`` is called after each
+    batch with the number of sequences it produced (e.g. a tqdm ``update``). ``engine``: ``"auto"``,
+    ``"fast"`` or ``"hf"`` (see the module docstring).
     """
     if n < 1:
         raise ValueError("n must be at least 1")
@@ -111,9 +134,28 @@ def generate(
         raise ValueError("temperature must be >= 0")
     if temperature == 0 and n > 1:
         raise ValueError("greedy decoding (temperature=0) gives n identical samples; use n=1")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template)
     stop = eos_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    settings = dict(
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        engine=resolve_engine(model, engine),
+    )
+    if settings["engine"] == "fast":
+        from preftune.online.sampler import sample_token_ids
+
+        ids = sample_token_ids(model, prompt_ids, n=n, temperature=temperature, top_p=top_p,
+                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, stop=stop,
+                               pad_id=pad_id, progress=progress)
+        samples = [[_to_sample(t, stop, tokenizer) for t in row] for row in ids]
+        return Generations(list(prompts), prompt_ids, samples, settings)
     device = next(model.parameters()).device
     # Flattened (prompt, sample) jobs, longest prompts together so padding stays small.
     jobs = [(i, k) for i in range(len(prompts)) for k in range(n)]
@@ -151,14 +193,6 @@ def generate(
                 progress(len(batch))
     finally:
         model.train(was_training)
-    settings = dict(
-        n=n,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        batch_size=batch_size,
-    )
     return Generations(list(prompts), prompt_ids, results, settings)  # type: ignore[arg-type]
 
 
