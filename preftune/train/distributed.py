@@ -7,11 +7,15 @@ loop does differently under it, and what it refuses (docs/distributed.md).
   engine reads directly is gathered for the engine's whole forward. A frozen reference is sharded the same way
   (``shard_frozen``). Checkpoints are one shard per process (train/checkpoint.py); the final model is gathered
   into a plain Hugging Face folder (``gathered_model``).
-- DeepSpeed: see ``refuse_deepspeed``.
+- DeepSpeed ZeRO-2/3 (``deepspeed_zero2.yaml``, ``deepspeed_zero3.yaml``): the engine goes through
+  ``deepspeed.initialize`` (accelerate), configured from the run (``configure_deepspeed``): preftune's micro-batch,
+  accumulation and clipping, the loss reduced by preftune alone, and under ZeRO-3 the LM head registered with the
+  engine, whose forward reads it. Checkpoints and a live reference under ZeRO-3 are refused (``refusals``).
 
-accelerate only turns FSDP on for GPU-like devices: on a machine without one it starts the same processes as
-plain data parallel (MULTI_CPU, gloo) and ignores the FSDP settings. ``adopt_launch`` turns them back on there,
-so the FSDP2 path that runs on GPUs is the one the CPU tests run, instead of silently training unsharded.
+accelerate only turns FSDP and DeepSpeed on for GPU-like devices: on a machine without one it starts the same
+processes as plain data parallel (MULTI_CPU, gloo) and ignores the FSDP settings; with DeepSpeed it lets DeepSpeed
+form the process group but counts one process per group. ``adopt_launch`` puts both right, so the path that runs
+on GPUs is the one the CPU tests run, instead of silently training unsharded or on one process's data.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ def adopt_launch(acc) -> None:
             "fp32|bf16): set mixed_precision: 'no' in the config (as configs/accelerate/*.yaml do) and pass "
             "--precision bf16 to preftune"
         )
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        refuse_deepspeed(acc)
+    if deepspeed_launch():
+        _adopt_deepspeed(acc)
     if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return
     version = env.get("FSDP_VERSION", "1")
@@ -64,8 +68,55 @@ def adopt_launch(acc) -> None:
         raise ValueError(f"the launch asks for FSDP2, but accelerate set up {acc.distributed_type}")
 
 
-def refuse_deepspeed(acc) -> None:
-    raise ValueError("DeepSpeed is not supported yet")
+def deepspeed_launch() -> bool:
+    """Whether the launcher asked for DeepSpeed (then the Accelerator must not be told ``cpu=True``, which
+    makes accelerate drop DeepSpeed for plain data parallel)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _adopt_deepspeed(acc) -> None:
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        raise ValueError(f"the launch asks for DeepSpeed, but accelerate set up {acc.distributed_type} "
+                         "(is deepspeed installed? `pip install deepspeed`)")
+    dist = torch.distributed
+    if dist.is_initialized() and acc.num_processes != dist.get_world_size():
+        # Without a GPU, accelerate lets DeepSpeed form the process group (gloo) but records a world of one.
+        actual = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
+                  "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank()))}
+        PartialState._shared_state.update(actual)
+        acc.state.__dict__.update(actual)
+
+
+def zero_stage(acc) -> int | None:
+    """The DeepSpeed ZeRO stage of the run (None: not DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(acc.state.deepspeed_plugin.zero_stage)
+
+
+def configure_deepspeed(acc, cfg, engine: torch.nn.Module) -> None:
+    """Fill the DeepSpeed config from the run, before ``acc.prepare``: the micro-batch, accumulation and
+    clipping are preftune's (the accelerate config's values would disagree with the loop), and under ZeRO-3
+    the LM head, which the engine reads directly instead of calling, is gathered for the engine's forward."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0
+    acc.gradient_accumulation_steps = cfg.grad_accum  # accelerate warns when it differs from the config's
+    if zero_stage(acc) == 3:
+        from deepspeed.runtime.zero import register_external_parameter
+
+        from preftune.model.engine import split_lm
+
+        _, _, head = split_lm(engine.model)
+        for p in head.parameters(recurse=False):
+            register_external_parameter(engine, p)
 
 
 def kind(acc) -> str:
@@ -79,21 +130,34 @@ def kind(acc) -> str:
     return "ddp" if acc.num_processes > 1 else "single"
 
 
-def refusals(cfg, obj, run_kind: str) -> list[str]:
-    """What this run asks for that preftune does not run under ``run_kind``, each with the reason."""
-    if run_kind != "fsdp2":
+def refusals(cfg, obj, run_kind: str, stage: int | None = None) -> list[str]:
+    """What this run asks for that preftune does not run under ``run_kind`` (``stage``: DeepSpeed's ZeRO
+    stage), each with the reason."""
+    if run_kind not in ("fsdp2", "deepspeed"):
         return []
+    name = "FSDP2" if run_kind == "fsdp2" else "DeepSpeed"
     out = []
     if obj.reference == "live_logits":
         out.append(
             f"loss={cfg.loss} needs the reference's full-vocabulary log-probs at every response token, read "
-            "from its LM head outside a forward, where FSDP2 keeps that head sharded; train it with ddp.yaml"
+            f"from its LM head outside a forward, which {name} does not gather there; train it with ddp.yaml"
         )
     if cfg.compile:
         out.append(
-            "compile=true compiles each decoder layer in place, which would put FSDP2's gather and reshard "
-            "hooks inside the compiled graph (not tested); train with compile=false under FSDP2"
+            f"compile=true compiles each decoder layer in place, which would put {name}'s gather and release "
+            f"hooks inside the compiled graph (not tested); train with compile=false under {name}"
         )
+    if run_kind == "deepspeed":
+        if cfg.save_steps or cfg.resume:
+            out.append(
+                "checkpoints (save_steps, resume): DeepSpeed keeps the optimizer state partitioned in its own "
+                "format, which preftune's checkpoints do not write yet; checkpoint with fsdp2.yaml instead"
+            )
+        if stage == 3 and cfg.resolved_reference() == "live" and not cfg.lora:
+            out.append(
+                "a live reference under ZeRO-3 would be a whole unpartitioned copy on every process; use "
+                "reference=precompute (or LoRA, whose reference is the base with the adapter off)"
+            )
     return out
 
 
@@ -117,6 +181,17 @@ def shard_frozen(acc, module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Free every gathered FSDP2 unit of ``module``. The root unit stays gathered after a forward until the
+    backward that follows, so after a forward without one (evaluation, the reference pass) its parameters
+    would be whole tensors, not shards, to whatever reads them next (a checkpoint)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """Whether ``module``'s parameters are DTensor shards (FSDP2)."""
     from torch.distributed.tensor import DTensor
@@ -124,9 +199,28 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of a sharded ``module``, gathered to the CPU of the main process (empty elsewhere).
-    Collective: every process calls it."""
+def full_state_dict(acc, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded ``module`` (FSDP2, or ZeRO-3's partitions), gathered to the CPU of the main
+    process (empty elsewhere). Collective: every process calls it."""
+    if zero_stage(acc) == 3:
+        return _zero3_state_dict(acc, module)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _zero3_state_dict(acc, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # One parameter gathered at a time, so no process ever holds more than one whole tensor besides its part.
+    from deepspeed.runtime.zero import GatheredParameters
+
+    params = {id(p) for p in module.parameters()}
+    out = {}
+    for name, t in module.state_dict(keep_vars=True).items():  # a tied weight appears under each of its names
+        if id(t) in params:
+            with GatheredParameters([t]):
+                whole = t.detach().cpu().clone() if acc.is_main_process else None
+        else:
+            whole = t.detach().cpu().clone()
+        if acc.is_main_process:
+            out[name] = whole
+    return out

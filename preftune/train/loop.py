@@ -162,6 +162,7 @@ class PolicyForward(Forward):
             for ds in (runner.train_set, runner.eval_set):
                 if ds is not None and ds.name not in self.ref_caches:  # a caller may hand the cache in
                     self.ref_caches[ds.name] = precompute_reference(self, runner, ds)
+            runner.reshard()
 
     def __call__(self, runner: Runner, dataset, indices: list[int], grad: bool) -> Micro:
         from preftune.data import collate
@@ -210,14 +211,16 @@ class Runner:
         self.out = cfg.output_dir
         self.ckpt_root = self.out / "checkpoints"
         self.clock = now()  # when the run started (run() restarts it; a resume carries the elapsed time on)
-        self.kind = distributed.kind(acc)  # single, ddp, fsdp2 (train/distributed.py)
-        if self.kind == "fsdp2" and not forward.supports_sharding:
-            raise ValueError(f"{type(forward).__name__} is not tested under FSDP2; launch it with "
+        self.kind = distributed.kind(acc)  # single, ddp, fsdp2, deepspeed (train/distributed.py)
+        if self.kind in ("fsdp2", "deepspeed") and not forward.supports_sharding:
+            raise ValueError(f"{type(forward).__name__} is not tested under {self.kind}; launch it with "
                              "configs/accelerate/ddp.yaml")
 
         forward.engine.train()
         trainable = [p for p in forward.engine.parameters() if p.requires_grad]
         opt, sched = make_optimizer(cfg, trainable, self.total)
+        if self.kind == "deepspeed":
+            distributed.configure_deepspeed(acc, cfg, forward.engine)
         self.engine, self.opt, self.sched = acc.prepare(forward.engine, opt, sched)
         self.base_engine = acc.unwrap_model(self.engine)
         forward.attach(self)
@@ -289,14 +292,18 @@ class Runner:
     def _step(self, micro: list[list[int]], n_global: int) -> dict[str, float]:
         sums: dict[str, torch.Tensor] = {}
         t0, tokens = now(), 0
+        # DeepSpeed steps inside backward, at the micro-batch accelerate marks as the last; the loss is
+        # reduced here alone (not again by DeepSpeed's accumulation count).
+        ds = {"scale_wrt_gas": False} if self.kind == "deepspeed" else {}
         for i, indices in enumerate(micro):
             sync = i == len(micro) - 1
+            self.acc.sync_gradients = sync
             ctx = self.acc.no_sync(self.engine) if not sync else contextlib.nullcontext()
             with ctx:
                 out = self.forward_loss(self.train_set, indices, grad=True)
                 # Sum here, divide by the global example count: exact mean over the global batch.
                 loss = out.result.losses.sum() / n_global * self.world
-                self.acc.backward(loss)
+                self.acc.backward(loss, **ds)
             tokens += out.batch.num_tokens
             _accumulate(sums, out.result, out.batch.batch_size, _logps(out))
         grad_norm = self.clip()
@@ -334,7 +341,13 @@ class Runner:
             for s in range(0, len(idx), bs):
                 out = self.forward_loss(self.eval_set, idx[s : s + bs], grad=False)
                 _accumulate(sums, out.result, out.batch.batch_size, _logps(out), counted=counted[s : s + bs])
+        self.reshard()
         return {"eval/" + k: v for k, v in self.reduce(sums).items()}
+
+    def reshard(self) -> None:
+        """Under FSDP2, back to shards after forwards without a backward (train/distributed.py ``reshard``)."""
+        if self.kind == "fsdp2":
+            distributed.reshard(self.base_engine)
 
     @contextlib.contextmanager
     def evaluating(self):
@@ -392,6 +405,7 @@ class Runner:
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "total": self.total, "seed": self.cfg.seed, "loss": self.cfg.loss,
                  "elapsed": now() - self.clock}
+        self.reshard()
         return ckpt.save_checkpoint(
             self.ckpt_root, self.step, model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
             trainer_state=state, loss_state=self.loss_state, process_index=self.acc.process_index,
@@ -415,6 +429,7 @@ class Runner:
         state = ckpt.read_trainer_state(found[-1])
         if state.get("loss") != self.cfg.loss:
             raise ValueError(f"{found[-1]}: checkpoint was trained with loss={state.get('loss')}, not {self.cfg.loss}")
+        self.reshard()
         ckpt.load_checkpoint(found[-1], model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
                              loss_state=self.loss_state, process_index=self.acc.process_index, shards=self.shards)
         self.step = int(state["step"])
@@ -426,10 +441,12 @@ class Runner:
         self.acc.wait_for_everyone()
         target = self.out / "model"
         model = self.base_engine.model
-        if self.kind == "fsdp2":  # gathered into a plain copy on the main process (every process takes part)
+        self.reshard()
+        if self.kind == "fsdp2" or distributed.zero_stage(self.acc) == 3:
+            # Gathered into a plain copy on the main process (every process takes part).
             from preftune.model import unsharded_copy
 
-            full = distributed.full_state_dict(self.base_engine)  # keyed as the engine's: "model.<name>"
+            full = distributed.full_state_dict(self.acc, self.base_engine)  # keyed as the engine's: "model.<name>"
             if self.acc.is_main_process:
                 model = unsharded_copy(model, {k.removeprefix("model."): v for k, v in full.items()})
             del full

@@ -41,12 +41,12 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
     obj = cfg.objective()
     params = obj.resolve(cfg.loss_hyperparameters())
     acc = start_run(cfg)
-    refused = distributed.refusals(cfg, obj, distributed.kind(acc))
+    refused = distributed.refusals(cfg, obj, distributed.kind(acc), distributed.zero_stage(acc))
     if refused:
         raise ValueError(f"not run under {distributed.kind(acc)}: " + "; ".join(refused))
-    if model is not None and distributed.kind(acc) == "fsdp2":
-        raise ValueError("under FSDP2 preftune loads the model itself (cfg.model): sharding replaces a passed-in "
-                         "model's weights in place, under the caller's feet")
+    if model is not None and distributed.kind(acc) in ("fsdp2", "deepspeed"):
+        raise ValueError("under FSDP2 and DeepSpeed preftune loads the model itself (cfg.model): sharding replaces "
+                         "a passed-in model's weights in place, under the caller's feet")
 
     # ---- data
     if tokenizer is None:
@@ -105,7 +105,10 @@ def start_run(cfg):
 
     # cpu=True when there is no accelerator: only then does accelerate form a gloo process group
     # from torchrun / `accelerate launch` environment variables on a CPU machine.
+    # DeepSpeed is the exception: with cpu=True accelerate would drop it for plain data parallel; without
+    # cpu=True it lets DeepSpeed's CPU accelerator form the group (train/distributed.py).
     no_accel = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    no_accel = no_accel and not distributed.deepspeed_launch()
     acc = make_accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=no_accel)
     set_seed(cfg.seed)
     return acc

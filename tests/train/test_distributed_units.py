@@ -22,6 +22,16 @@ def test_refusals_under_fsdp2_name_the_reason():
     assert distributed.refusals(_cfg(loss="dpo"), get("dpo"), "fsdp2") == []
 
 
+def test_refusals_under_deepspeed_name_the_reason():
+    dpo = get("dpo")
+    assert distributed.refusals(_cfg(reference="live"), dpo, "deepspeed", 2) == []  # ZeRO-2: weights replicated
+    why = distributed.refusals(_cfg(reference="live", save_steps=5), dpo, "deepspeed", 3)
+    assert len(why) == 2 and "checkpoints" in why[0] and "reference=precompute" in why[1]
+    assert distributed.refusals(_cfg(resume=True), dpo, "deepspeed", 2)[0].startswith("checkpoints")
+    assert distributed.refusals(_cfg(lora=True, reference="live"), dpo, "deepspeed", 3) == []
+    assert distributed.refusals(_cfg(reference="precompute"), dpo, "deepspeed", 3) == []
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

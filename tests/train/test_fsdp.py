@@ -4,75 +4,21 @@ one unsharded process on the same global batch; a sharded run that is killed and
 uninterrupted run, and its final model is a plain folder ``from_pretrained`` loads."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("fsdp_worker.py")
-ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
+from launching import assert_same_step, launch, one_step, tiny_cfg  # tests/train/launching.py
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
-
-
-def launch(config: str | None, nproc: int, *args: str, module: bool = False, check: bool = True):
-    """``accelerate launch --config_file configs/accelerate/<config>.yaml`` (None: plain python) of the worker,
-    or with ``module`` of ``-m preftune``."""
-    target = ["-m", "preftune", *args] if module else [str(WORKER), *args]
-    if config is None:
-        cmd = [sys.executable, *target]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", str(nproc),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), *target]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def one_step(config: str | None, nproc: int, cfg: dict, result: Path) -> dict:
-    launch(config, nproc, json.dumps({"mode": "step", "config": cfg, "result": str(result)}))
-    return torch.load(result, weights_only=False)
-
-
-def _cfg(model_dir, data, out: Path, batch_size: int, **kw) -> dict:
-    base = dict(model=str(model_dir), data=str(data), output=str(out), loss="dpo", max_steps=1,
-                batch_size=batch_size, learning_rate=1e-3, warmup_ratio=0.0, progress=False, plot=False,
-                length_grouping=False, max_grad_norm=None)
-    return {**base, **kw}
-
-
-def assert_same_step(one: dict, two: dict) -> None:
-    for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
-        assert one["metrics"][k] == pytest.approx(two["metrics"][k], rel=1e-5, abs=1e-6), k
-    assert one["grads"].keys() == two["grads"].keys()
-    for n, g in one["grads"].items():
-        assert torch.allclose(g, two["grads"][n], atol=1e-6, rtol=1e-4), (n, (g - two["grads"][n]).abs().max())
 
 
 def test_fsdp2_full_finetune_two_processes_equal_one(tiny_model_dir, pairs_file, tmp_path):
     # A live reference: the frozen copy is sharded too. Two micro-batches per step: FSDP2's gradient sync
     # is skipped on the first and must still add up to the one-process gradient.
     cfg = dict(reference="live", grad_accum=2)
-    one = one_step(None, 1, _cfg(tiny_model_dir, pairs_file, tmp_path / "o1", 2, **cfg), tmp_path / "one.pt")
-    two = one_step("fsdp2", 2, _cfg(tiny_model_dir, pairs_file, tmp_path / "o2", 1, **cfg), tmp_path / "two.pt")
+    one = one_step(None, 1, tiny_cfg(tiny_model_dir, pairs_file, tmp_path / "o1", 2, **cfg), tmp_path / "one.pt")
+    two = one_step("fsdp2", 2, tiny_cfg(tiny_model_dir, pairs_file, tmp_path / "o2", 1, **cfg), tmp_path / "two.pt")
     assert (one["world"], one["kind"]) == (1, "single")
     assert (two["world"], two["kind"]) == (2, "fsdp2")
     # Each decoder layer is its own unit and the engine the root, for the policy and the frozen reference.
@@ -87,9 +33,9 @@ def test_fsdp2_lora_two_processes_equal_one(tiny_model_dir, pairs_file, tmp_path
     # written once (by one process), and both runs' reference log-probs agree. Activation checkpointing
     # (preftune's gradient_checkpointing) recomputes each sharded layer, gathered again, in the backward.
     cfg = dict(lora=True, lora_r=4, reference="precompute", gradient_checkpointing=True)
-    one = one_step(None, 1, _cfg(tiny_model_dir, pairs_file, tmp_path / "o1", 4, ref_cache_dir=str(tmp_path / "c1"),
+    one = one_step(None, 1, tiny_cfg(tiny_model_dir, pairs_file, tmp_path / "o1", 4, ref_cache_dir=str(tmp_path / "c1"),
                                  **cfg), tmp_path / "one.pt")
-    two = one_step("fsdp2", 2, _cfg(tiny_model_dir, pairs_file, tmp_path / "o2", 2,
+    two = one_step("fsdp2", 2, tiny_cfg(tiny_model_dir, pairs_file, tmp_path / "o2", 2,
                                     ref_cache_dir=str(tmp_path / "c2"), **cfg), tmp_path / "two.pt")
     assert two["kind"] == "fsdp2" and "FSDPLlamaDecoderLayer" in two["units"]
     assert two["cache_writes"] == [1, 0] and len(list((tmp_path / "c2").iterdir())) == 1
@@ -107,8 +53,9 @@ def test_fsdp2_killed_and_resumed_run_follows_the_uninterrupted_run(tiny_model_d
 
     def args(out: Path, batch_size: int, cache: Path) -> list[str]:
         sets = dict(warmup_ratio=0.0, progress="false", plot="false", length_grouping="false", save_steps=2,
-                    reference="precompute", ref_cache_dir=str(cache))
-        return ["train", "--model", str(tiny_model_dir), "--data", str(pairs_file), "-o", str(out),
+                    eval_steps=2, reference="precompute", ref_cache_dir=str(cache))
+        return ["train", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--eval-data", str(pairs_file),
+                "-o", str(out),
                 "--max-steps", "4", "--batch-size", str(batch_size), "--learning-rate", "1e-3",
                 *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
 
@@ -116,8 +63,9 @@ def test_fsdp2_killed_and_resumed_run_follows_the_uninterrupted_run(tiny_model_d
     launch(None, 1, *args(tmp_path / "one", 4, tmp_path / "c1"), module=True)
     # The sharded run: killed right after its step-2 checkpoint, then resumed with the documented command.
     spec = {"mode": "crash", "crash_after": 2, "result": "",
-            "config": _cfg(tiny_model_dir, pairs_file, tmp_path / "two", 2, max_steps=4, save_steps=2,
-                           max_grad_norm=1.0, reference="precompute", ref_cache_dir=str(tmp_path / "c2"))}
+            "config": tiny_cfg(tiny_model_dir, pairs_file, tmp_path / "two", 2, max_steps=4, save_steps=2,
+                               max_grad_norm=1.0, reference="precompute", ref_cache_dir=str(tmp_path / "c2"),
+                               eval_data=str(pairs_file), eval_steps=2)}
     killed = launch("fsdp2", 2, json.dumps(spec), check=False)
     assert killed.returncode != 0
     ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-0000002"
@@ -139,8 +87,10 @@ def test_fsdp2_killed_and_resumed_run_follows_the_uninterrupted_run(tiny_model_d
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [("eval/loss" in r) for r in two] == [False, True, False, True]  # evaluated sharded, every 2 steps
     for a, b in zip(one, two):
-        for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr"):
+        for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr",
+                  *(("eval/loss", "eval/rewards/margins") if "eval/loss" in a else ())):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
     # The final model: a plain folder, gathered from the shards, equal to the unsharded run's.
     m1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model")
