@@ -28,15 +28,16 @@ import torch
 KINDS = ("single", "ddp", "fsdp2", "deepspeed")
 
 
-def adopt_launch(acc) -> None:
-    """Check the accelerate launch against what preftune supports; on a CPU-only machine, turn the FSDP2
-    that accelerate ignored there back on. Called once, right after the run's Accelerator is made."""
+def adopt_launch(acc, precision: str = "no") -> None:
+    """Check the accelerate launch against what preftune supports; on a CPU-only machine, turn the FSDP2 and
+    DeepSpeed that accelerate ignored there back on. Called once, right after the run's Accelerator is made
+    with mixed precision ``precision`` (preftune's own: "no" or "bf16")."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     env = os.environ
     mp = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if mp not in ("no", acc.state.mixed_precision) and acc.distributed_type != DistributedType.DEEPSPEED:
+    if mp not in ("no", precision):
         raise ValueError(
             f"the accelerate config sets mixed_precision: {mp}, but preftune sets precision itself (--precision "
             "fp32|bf16): set mixed_precision: 'no' in the config (as configs/accelerate/*.yaml do) and pass "

@@ -139,7 +139,8 @@ def make_accelerator(**kwargs):
     # too fast in any multi-process run.
     kwargs.setdefault("step_scheduler_with_optimizer", False)
     acc = Accelerator(**kwargs)
-    distributed.adopt_launch(acc)  # FSDP2 on CPU processes too; refuses what preftune does not run
+    # FSDP2 and DeepSpeed on CPU processes too; refuses what preftune does not run.
+    distributed.adopt_launch(acc, kwargs.get("mixed_precision") or "no")
     return acc
 
 

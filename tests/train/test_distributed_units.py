@@ -48,9 +48,11 @@ def test_launches_preftune_does_not_run_are_refused(monkeypatch, env, message):
         make_accelerator(mixed_precision="no", cpu=True)
 
 
-def test_single_process_is_single():
+def test_single_process_is_single(monkeypatch):
     acc = make_accelerator(mixed_precision="no", cpu=True)
     assert distributed.kind(acc) == "single"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # agrees with --precision bf16: accepted
+    assert make_accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
 
 
 def test_sharded_checkpoint_resumes_only_under_the_same_sharding(tmp_path):
