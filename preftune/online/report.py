@@ -57,6 +57,11 @@ def criteria(base: dict, last: dict) -> list[str]:
         g = within_tolerance(QualityEval(base["greedy_distinct2"], Rate(base["greedy_repeat_rate"], 0, 0, 0)),
                              QualityEval(last["greedy_distinct2"], Rate(last["greedy_repeat_rate"], 0, 0, 0)))
         checks.update({f"greedy {k}": v for k, v in g.items()})
+    if base.get("fluency_nll_success") is not None and last.get("fluency_nll_success") is not None:
+        # like for like: the accepted answers of both, so that shorter answers are not read as less fluent
+        # only for being short (the rule above stays as the issue states it)
+        checks["fluency of accepted answers within 10%"] = (
+            last["fluency_nll_success"] <= 1.1 * base["fluency_nll_success"])
     if base.get("greedy_success") is not None and last.get("greedy_success") is not None:
         checks["greedy success rises"] = last["greedy_success"] > base["greedy_success"]
     checks["sampled success rises"] = last.get("success", 0) > base.get("success", 0)
@@ -147,7 +152,9 @@ def write_report(out: Path, cfg, base: dict, rows: list[dict], log=print) -> Pat
               "- KL to π_0: mean over sampled answers of log π_t(y|x) − log π_0(y|x) on the sampled token ids "
               "(nats per answer, ± standard error).",
               "- fluency NLL: mean per-token negative log-likelihood of the answers' text (EOS left out) "
-              "under π_0; distinct-2: unique "
+              "under π_0 (of all answers, and of the answers the judge accepts: per-token NLL is higher for "
+              "short answers even when π_0 writes them, so the accepted answers compare like with like); "
+              "distinct-2: unique "
               "word bigrams / all bigrams over the answers; repeats: share of answers that repeat a line or a "
               "phrase.",
               "- Files: `iterations.jsonl` (one row per iteration, ONLINE.md §0.4 keys), `iter_NN/` (samples with "

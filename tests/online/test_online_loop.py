@@ -125,7 +125,7 @@ def test_fluency_tie_break_picks_the_most_natural_best_and_reuses_its_reference(
 
     out = tmp_path / "flu"
     _run(["--model", tiny_folder, "--task", "tiny_letters", "--iterations", "1", "--output", str(out), *QUICK,
-          "--set", "tie_break=fluency", "--set", "ref_mode=fixed", "--set", "k=4"])
+          "--set", "tie_break=fluency", "--set", "ref_mode=fixed", "--set", "k=4", "--set", "heldout_samples=3"])
     it = out / "iter_01"
     samples = [json.loads(x) for x in (it / "samples.jsonl").read_text().splitlines()]
     judged = [json.loads(x) for x in (it / "judgements.jsonl").read_text().splitlines()]
@@ -151,6 +151,17 @@ def test_fluency_tie_break_picks_the_most_natural_best_and_reuses_its_reference(
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     rows = _rows(out)
+    # held-out fluency: each answer's NLL under π_0 is written next to it; the figures are their means, over
+    # all answers and over the accepted ones
+    for ev, path in ((json.loads((out / "eval_base.json").read_text()), out / "eval_base.heldout.jsonl"),
+                     ({k[5:]: v for k, v in rows[0].items() if k.startswith("eval/")}, it / "heldout.jsonl")):
+        held = [json.loads(x) for x in path.read_text().splitlines() if '"sampled"' in x]
+        nll = [r["nll_base"] for r in held if r["nll_base"] is not None]
+        assert ev["fluency_nll"] == pytest.approx(sum(nll) / len(nll), rel=1e-9)
+        ok = [r["nll_base"] for r in held if r["success"] and r["nll_base"] is not None]
+        assert ("fluency_nll_success" in ev) == bool(ok)
+        if ok:
+            assert ev["fluency_nll_success"] == pytest.approx(sum(ok) / len(ok), rel=1e-9)
     assert rows[0]["iter/fluency_mean"] == pytest.approx(
         sum(f for j in judged for f in j["fluency"]) / sum(len(j["fluency"]) for j in judged), abs=1e-6)
 
