@@ -1,38 +1,39 @@
 """The fast sampling engine behind ``generate(..., engine="fast")``: one prefill per prompt, a shared
-prompt cache, a preallocated per-sample cache, finished samples retired, top-p without a full sort.
+prompt cache, a preallocated cache for generated tokens, finished samples retired, top-p without a
+full-vocabulary sort.
 
-Where ``transformers.generate`` spends its time on a CPU (issue 11): K copies of each prompt's
+Where ``transformers.generate`` spends its time on a CPU (issue 11): ``n`` copies of each prompt's
 prefill, a cache that grows by concatenation, a full-vocabulary sort for top-p at every token, and
 padding decoded after a sequence has ended. Here:
 
-- **Prefill once per prompt.** A batch holds ``P`` prompts and their ``n`` samples (``B = P × n``
-  rows). The prompts run through the model once; their keys and values (``(P, Hkv, Lp, d)`` per
-  layer, left padded) are kept as they are and never copied per sample.
+- **Prefill once per prompt**, and the batch's common leading tokens (a chat template's system
+  prompt) once per batch. A batch holds ``P`` prompts and their ``n`` samples (``B = P × n`` rows).
 - **Shared-prefix attention.** At each decode step a row's query attends to its prompt's keys and
-  to its own generated keys, with one softmax over both. The prompt part is computed for the ``n``
-  samples of a prompt together, ``(P, Hkv, n·G, d) @ (P, Hkv, d, Lp)`` (``G`` query heads per KV
-  head), so each prompt's keys are read once per step, not ``n`` times.
-- **Static cache.** Generated keys/values go into buffers of ``(B, Hkv, max_new_tokens, d)`` per
-  layer allocated once per batch, written in place at column ``t``.
-- **Retirement.** A row that samples EOS leaves the batch: its cache rows are compacted away, so
-  the projections, MLP and LM head of later steps run only on live rows.
+  to its own generated keys, one softmax over both. The prompt part runs for a prompt's ``n``
+  samples together, ``(P, Hkv, n·G, d) @ (P, Hkv, d, Lp)`` (``G`` query heads per KV head), so a
+  prompt's keys are stored and read once, not ``n`` times.
+- **Static cache.** Generated keys/values go into buffers allocated once per batch and written in
+  place (``SharedPrefixCache``).
+- **Retirement.** A row that samples EOS leaves the batch, so the projections, MLP and LM head of
+  later steps run on live rows only; the caches are compacted when a quarter of their rows are dead.
 - **Top-p by a top-k prefilter** (``nucleus_threshold``), exact, with a full sort only for rows
   whose top ``k`` tokens hold less than ``top_p`` of the mass.
 
 The model's own forward runs unchanged (any architecture whose attention goes through transformers'
 attention interface: Llama, Qwen2, GPT-2, Mistral, ...): the engine swaps in the attention function
 ``preftune_shared_prefix`` for the duration of the call and passes the cache as a keyword, so the
-norms, rotary embeddings, MLPs and LM head are transformers' code.
+embeddings, norms, rotary embeddings, MLPs and LM head are transformers' code.
 
-Why no ``torch.compile`` of the decode step: with ``B = P × n`` rows per step the step is matmul
-bound (a 256-row step of SmolLM2-135M is ~70 GFLOP), the per-step Python overhead of the eager
-forward is a few percent, and on a 2-core CPU inductor's compile takes longer than a whole demo
-sampling phase (numbers in docs/benchmarks.md, "Sampling").
+No ``torch.compile``: with ``B = P × n`` rows the decode step is matmul bound, and compiling the
+norms and MLPs of SmolLM2-135M cost ~5 s of CPU (~18 s of wall time on the shared 2-core host) for
+no measurable gain per step (docs/benchmarks.md, "Sampling").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -148,54 +149,77 @@ def sample_next(
 # ------------------------------------------------------------------------------ shared-prefix cache
 
 
+CHUNK = 16  # generated-token cache columns per block (see SharedPrefixCache)
+
+
 @dataclass
 class SharedPrefixCache:
-    """Keys/values of one batch of ``P`` prompts × ``n`` samples, kept in float32.
+    """Keys/values of one batch of ``P`` prompts × ``n`` samples, in the model's dtype, preallocated.
 
-    Per layer: each prompt's keys and values once, ``(P, Hkv, Lp, d)``; the generated tokens' in
-    preallocated buffers of ``(R, Hkv, M, d)``, ``M = max_new_tokens - 1`` (the last sampled token is
-    never fed back), one buffer row per sample still in the buffer. Live row ``b`` of the batch is
-    sample ``slot[b]`` (= prompt × n + sample) and buffer row ``row[b]``. A retired sample leaves
-    the batch at once (no projection, MLP or LM-head work for it); its buffer row is dropped when
-    a quarter of the rows are dead (``compact``), so attention over a long generation reads the
-    live samples' keys only, and the copying stays a geometric series.
+    The prompts' keys (transposed) and values, ``(Pg, Hkv, d, Lp)`` and ``(Pg, Hkv, Lp, d)`` per layer,
+    once per prompt. Live row ``b`` of the batch is sequence ``seq[b]`` (= prompt × n + sample, the
+    output's index), slot ``slot[b]`` of the ``Pg × ng`` grid the prompt part of attention runs on,
+    and row ``row[b]`` of the generated-token buffers.
 
-    Float32 because CPU bf16 batched matmuls copy strided operands (a slice of the buffer) to
-    contiguous memory first, which costs more than the matmul; float32 ones read them in place.
+    Generated tokens' keys/values live in blocks of ``CHUNK`` steps, ``(C, R, Hkv, CHUNK, d)`` with
+    ``C = ceil((max_new_tokens - 1) / CHUNK)``: the blocks written so far are one contiguous tensor,
+    which CPU bf16 batched matmuls read in place (a slice of a ``(.., M, d)`` buffer is first copied
+    whole), at the price of attending to up to ``CHUNK - 1`` masked columns.
+
+    A sample that samples EOS leaves the batch at once (no projection, MLP or LM-head work). Its grid
+    slot and buffer row stay until a quarter of the buffer rows are dead; ``retire`` then compacts
+    the buffers and re-packs the grid to the prompts still live, so attention late in a long
+    generation reads the live samples' keys only, and the copying stays a geometric series.
     """
 
     n: int
     prompt_mask: torch.Tensor  # (P, Lp) bool, False on padding
     max_new_tokens: int
     common: int = 0  # leading tokens shared by every prompt of the batch, prefilled once (see _prefill)
+    step: int = -1  # -2: the common prefix's prefill, -1: the prompts', t >= 0: feeding generated token t
+    seq: torch.Tensor = field(init=False)  # (B,) long
     slot: torch.Tensor = field(init=False)  # (B,) long
     row: torch.Tensor = field(init=False)  # (B,) long
-    rows: int = field(init=False)  # R, buffer rows in use
-    step: int = -1  # -2: the common prefix's prefill, -1: the prompts', t >= 0: feeding generated token t
+    grid_width: int = field(init=False)  # ng
+    rows: int = field(init=False)  # R
     common_k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (1, Hkv, common, d)
     common_v: dict[int, torch.Tensor] = field(default_factory=dict)
-    prefix_k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (P, Hkv, Lp, d)
-    prefix_v: dict[int, torch.Tensor] = field(default_factory=dict)
-    gen_k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (≥R, Hkv, M, d)
+    prefix_k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (Pg, Hkv, d, Lp)
+    prefix_v: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (Pg, Hkv, Lp, d)
+    gen_k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (C, ≥R, Hkv, CHUNK, d)
     gen_v: dict[int, torch.Tensor] = field(default_factory=dict)
-    prefix_bias: torch.Tensor = field(init=False)  # (P, 1, 1, 1, Lp) float32: 0, or -inf on padding
+    prefix_bias: torch.Tensor = field(init=False)  # (Pg, 1, 1, 1, Lp) float32: 0, or -inf on padding
 
     def __post_init__(self):
-        P = self.prompt_mask.shape[0]
-        self.slot = torch.arange(P * self.n, device=self.prompt_mask.device)
-        self.row, self.rows = self.slot.clone(), P * self.n
-        bias = torch.zeros(self.prompt_mask.shape, dtype=torch.float32, device=self.prompt_mask.device)
+        P, device = self.prompt_mask.shape[0], self.prompt_mask.device
+        self.seq = torch.arange(P * self.n, device=device)
+        self.slot, self.row = self.seq.clone(), self.seq.clone()
+        self.grid_width, self.rows = self.n, P * self.n
+        bias = torch.zeros(self.prompt_mask.shape, dtype=torch.float32, device=device)
         self.prefix_bias = bias.masked_fill(~self.prompt_mask, float("-inf"))[:, None, None, None, :]
 
     def retire(self, keep: torch.Tensor) -> None:
-        """Drop the live rows where ``keep`` (B,) is False; compact the buffers when 1/4 of their rows are dead."""
-        self.slot, self.row = self.slot[keep], self.row[keep]
-        if 4 * self.row.numel() <= 3 * self.rows:
-            cols = self.step + 1  # generated tokens already written
-            for buf in (*self.gen_k.values(), *self.gen_v.values()):
-                buf[: self.row.numel(), :, :cols] = buf[self.row, :, :cols]
-            self.rows = self.row.numel()
-            self.row = torch.arange(self.rows, device=self.row.device)
+        """Drop the live rows where ``keep`` (B,) is False; compact when 1/4 of the buffer rows are dead."""
+        self.seq, self.slot, self.row = self.seq[keep], self.slot[keep], self.row[keep]
+        B = self.seq.numel()
+        if 4 * B > 3 * self.rows:
+            return
+        blocks = -(-(self.step + 1) // CHUNK)  # blocks holding the generated tokens fed so far
+        for buf in (*self.gen_k.values(), *self.gen_v.values()):
+            buf[:blocks, :B] = buf[:blocks, self.row]
+        self.rows, self.row = B, torch.arange(B, device=self.row.device)
+        # Re-pack the grid: live prompts only (rows stay in slot order, so each prompt's rows are adjacent).
+        prompt = self.slot // self.grid_width
+        live, counts = torch.unique_consecutive(prompt, return_counts=True)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(B, device=prompt.device) - torch.repeat_interleave(first, counts)
+        self.grid_width = int(counts.max())
+        self.slot = torch.repeat_interleave(torch.arange(live.numel(), device=prompt.device), counts)
+        self.slot = self.slot * self.grid_width + rank
+        for store in (self.prefix_k, self.prefix_v):
+            for layer, x in store.items():
+                store[layer] = x[live]
+        self.prefix_bias = self.prefix_bias[live]
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
@@ -238,7 +262,7 @@ def _prefill_attention(c: SharedPrefixCache, layer: int, q, k, v, scaling):
         k = torch.cat([c.common_k.pop(layer).expand(P, -1, -1, -1), k], dim=2)
         v = torch.cat([c.common_v.pop(layer).expand(P, -1, -1, -1), v], dim=2)
         allowed = torch.cat([allowed.new_ones(P, 1, L, c.common), allowed], dim=-1)
-    c.prefix_k[layer], c.prefix_v[layer] = k.float().contiguous(), v.float().contiguous()
+    c.prefix_k[layer], c.prefix_v[layer] = k.transpose(-1, -2).contiguous(), v.contiguous()
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)  # (P, L, H, d)
 
@@ -246,37 +270,40 @@ def _prefill_attention(c: SharedPrefixCache, layer: int, q, k, v, scaling):
 def _decode_attention(c: SharedPrefixCache, layer: int, q, k, v, scaling):
     B, H, _, d = q.shape
     Hkv = k.shape[1]
-    G, n, t, R = H // Hkv, c.n, c.step, c.rows
-    kp, vp = c.prefix_k[layer], c.prefix_v[layer]  # (P, Hkv, Lp, d)
-    P, Lp = kp.shape[0], kp.shape[2]
-    if layer not in c.gen_k:  # first decode step: this batch's static buffers
-        shape = (R, Hkv, max(1, c.max_new_tokens - 1), d)
-        c.gen_k[layer] = torch.zeros(shape, dtype=torch.float32, device=q.device)
-        c.gen_v[layer] = torch.zeros(shape, dtype=torch.float32, device=q.device)
-    kg, vg = c.gen_k[layer], c.gen_v[layer]
-    kg[c.row, :, t] = k[:, :, 0].float()
-    vg[c.row, :, t] = v[:, :, 0].float()
-    qf = q.reshape(B, Hkv, G, d).float()
+    G, n, t, R = H // Hkv, c.grid_width, c.step, c.rows
+    kp_t, vp = c.prefix_k[layer], c.prefix_v[layer]  # (Pg, Hkv, d, Lp), (Pg, Hkv, Lp, d)
+    P, Lp = vp.shape[0], vp.shape[2]
+    if layer not in c.gen_k:  # first decode step: this batch's static buffers (zeros: no stray NaN)
+        shape = (-(-max(1, c.max_new_tokens - 1) // CHUNK), R, Hkv, CHUNK, d)
+        c.gen_k[layer], c.gen_v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+    blocks = t // CHUNK + 1
+    kg, vg = c.gen_k[layer][:blocks, :R], c.gen_v[layer][:blocks, :R]  # (blocks, R, Hkv, CHUNK, d)
+    kg[t // CHUNK, c.row, :, t % CHUNK] = k[:, :, 0]
+    vg[t // CHUNK, c.row, :, t % CHUNK] = v[:, :, 0]
+    qg = q.reshape(B, Hkv, G, d)
     full_grid, full_rows = B == P * n, B == R
-    # The prompt part, one matmul for a prompt's n samples: (P, Hkv, n·G, d) @ (P, Hkv, d, Lp).
-    q_grid = qf if full_grid else qf.new_zeros(P * n, Hkv, G, d).index_copy_(0, c.slot, qf)
+    # The prompt part, one matmul for a prompt's n samples: (Pg, Hkv, n·G, d) @ (Pg, Hkv, d, Lp).
+    q_grid = qg if full_grid else qg.new_zeros(P * n, Hkv, G, d).index_copy_(0, c.slot, qg)
     q_grid = q_grid.view(P, n, Hkv, G, d).transpose(1, 2).reshape(P, Hkv, n * G, d)
-    s_pre = torch.matmul(q_grid, kp.transpose(-1, -2)).view(P, Hkv, n, G, Lp) + c.prefix_bias
+    s_pre = torch.matmul(q_grid, kp_t).view(P, Hkv, n, G, Lp).float() + c.prefix_bias
     s_pre = s_pre.transpose(1, 2).reshape(P * n, Hkv, G, Lp)
     s_pre = s_pre if full_grid else s_pre[c.slot]  # (B, Hkv, G, Lp)
-    # The sample's own tokens: (R, Hkv, G, d) @ (R, Hkv, d, t+1), R >= B buffer rows.
-    q_rows = qf if full_rows else qf.new_zeros(R, Hkv, G, d).index_copy_(0, c.row, qf)
-    s_gen = torch.matmul(q_rows, kg[:R, :, : t + 1].transpose(-1, -2))
-    s_gen = s_gen if full_rows else s_gen[c.row]  # (B, Hkv, G, t+1)
-    probs = torch.softmax(torch.cat([s_pre, s_gen], dim=-1).mul_(scaling), dim=-1)
-    p_pre, p_gen = probs.split([Lp, t + 1], dim=-1)
+    # The sample's own tokens, block by block: (blocks, R, Hkv, G, d) @ (blocks, R, Hkv, d, CHUNK).
+    q_rows = qg if full_rows else qg.new_zeros(R, Hkv, G, d).index_copy_(0, c.row, qg)
+    s_gen = torch.matmul(q_rows.expand(blocks, R, Hkv, G, d), kg.transpose(-1, -2))
+    s_gen = s_gen.permute(1, 2, 3, 0, 4).reshape(R, Hkv, G, blocks * CHUNK).float()
+    s_gen = s_gen if full_rows else s_gen[c.row]  # (B, Hkv, G, blocks·CHUNK)
+    s_gen[..., t + 1 :] = float("-inf")  # columns not written yet
+    probs = torch.softmax(torch.cat([s_pre, s_gen], dim=-1).mul_(scaling), dim=-1).to(q.dtype)
+    p_pre, p_gen = probs.split([Lp, blocks * CHUNK], dim=-1)
     p_grid = p_pre if full_grid else p_pre.new_zeros(P * n, Hkv, G, Lp).index_copy_(0, c.slot, p_pre)
     p_grid = p_grid.view(P, n, Hkv, G, Lp).transpose(1, 2).reshape(P, Hkv, n * G, Lp)
     o_pre = torch.matmul(p_grid, vp).view(P, Hkv, n, G, d).transpose(1, 2).reshape(P * n, Hkv, G, d)
-    p_rows = p_gen if full_rows else p_gen.new_zeros(R, Hkv, G, t + 1).index_copy_(0, c.row, p_gen)
-    o_gen = torch.matmul(p_rows, vg[:R, :, : t + 1])
+    p_rows = p_gen if full_rows else p_gen.new_zeros(R, Hkv, G, blocks * CHUNK).index_copy_(0, c.row, p_gen)
+    p_rows = p_rows.view(R, Hkv, G, blocks, CHUNK).permute(3, 0, 1, 2, 4)  # (blocks, R, Hkv, G, CHUNK)
+    o_gen = torch.matmul(p_rows, vg).sum(0)  # (R, Hkv, G, d)
     out = (o_pre if full_grid else o_pre[c.slot]) + (o_gen if full_rows else o_gen[c.row])
-    return out.to(q.dtype).reshape(B, 1, H, d)
+    return out.reshape(B, 1, H, d)
 
 
 TESTED_MODEL_TYPES = ("llama", "qwen2", "gpt2")  # greedy equals transformers.generate (tests/online)
@@ -335,19 +362,57 @@ def sample_token_ids(
     config._attn_implementation = ATTENTION_NAME
     model.eval()
     try:
-        for b, start in enumerate(range(0, len(order), per_batch)):
-            batch = order[start : start + per_batch]
-            gen = torch.Generator(device=device).manual_seed(seed + b)
-            rows = _sample_batch(model, [prompt_ids[i] for i in batch], n, temperature, top_p, max_new_tokens,
-                                 gen, stop_t, pad_id, device)
-            for j, i in enumerate(batch):
-                out[i] = rows[j * n : (j + 1) * n]
-            if progress is not None:
-                progress(len(batch) * n)
+        with _onednn_linears(model, rows=min(per_batch, len(order)) * n):
+            for b, start in enumerate(range(0, len(order), per_batch)):
+                batch = order[start : start + per_batch]
+                gen = torch.Generator(device=device).manual_seed(seed + b)
+                rows = _sample_batch(model, [prompt_ids[i] for i in batch], n, temperature, top_p, max_new_tokens,
+                                     gen, stop_t, pad_id, device)
+                for j, i in enumerate(batch):
+                    out[i] = rows[j * n : (j + 1) * n]
+                if progress is not None:
+                    progress(len(batch) * n)
     finally:
         config._attn_implementation = saved_attn
         model.train(was_training)
     return out
+
+
+@contextlib.contextmanager
+def _onednn_linears(model, rows: int) -> Iterator[None]:
+    """float32 ``nn.Linear`` layers on CPU through oneDNN with a prepacked weight, for the call.
+
+    torch runs float32 ``F.linear`` on CPU through MKL's sgemm and bf16 through oneDNN. On the AMD
+    EPYC host of docs/benchmarks.md MKL's float32 GEMMs of SmolLM2's shapes run at 70–80 GFLOP/s on
+    one core, oneDNN's at ~170 (the same float32 arithmetic; outputs differ by summation order
+    only). The packed weights are a copy (+4 bytes per parameter while sampling), made once per call.
+    Nothing changes where the ops are missing, or for bf16, GPU or non-``nn.Linear`` layers.
+    """
+    ops = getattr(torch.ops, "mkldnn", None)
+    usable = (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
+    swapped = []
+    if usable:
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if type(module) is torch.nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu":
+                packed = ops._reorder_linear_weight(w.detach(), rows)
+                bias = None if module.bias is None else module.bias.detach()
+                module.forward = functools.partial(_packed_linear, packed, bias, module.out_features)
+                swapped.append(module)
+    try:
+        yield
+    finally:
+        for module in swapped:
+            del module.forward  # back to nn.Linear.forward
+
+
+def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, x: torch.Tensor):
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], out_features)
 
 
 MIN_COMMON = 8  # a shared leading run shorter than this is prefilled with each prompt
@@ -408,18 +473,18 @@ def _sample_batch(model, seqs, n, temperature, top_p, max_new_tokens, gen, stop_
     length = torch.full((P * n,), max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, gen)  # (B,)
-        tokens[cache.slot, t] = nxt
+        tokens[cache.seq, t] = nxt
         done = torch.isin(nxt, stop_t)
         if t == max_new_tokens - 1:
             break
         if bool(done.any()):
-            length[cache.slot[done]] = t + 1
+            length[cache.seq[done]] = t + 1
             if bool(done.all()):
                 break
             cache.retire(~done)
             nxt = nxt[~done]
         cache.step = t
-        pos = lengths[cache.slot // n] + t  # (B,): the generated token's position after its prompt
+        pos = lengths[cache.seq // n] + t  # (B,): the generated token's position after its prompt
         logits = model(input_ids=nxt[:, None], attention_mask=torch.ones_like(nxt[:, None]),
                        position_ids=pos[:, None], use_cache=False, preftune_kv=cache).logits[:, -1]
     tokens, length = tokens.cpu(), length.cpu()

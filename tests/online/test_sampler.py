@@ -231,7 +231,7 @@ def test_decode_logits_equal_a_fresh_forward_through_retirement(tok, sharp, monk
     """Every logit row the sampler draws from equals the model's forward on that sample's prompt and
     tokens so far, while samples end at different steps (retired rows, buffers compacted)."""
     prompts = SYSTEM_PROMPTS[:3]
-    n, steps = 3, 10
+    n, steps = 3, 20  # two CHUNK blocks of generated keys
     seen = []
     real = sampler.sample_next
     monkeypatch.setattr(sampler, "sample_next", lambda logits, *a: (seen.append(logits.clone()), real(logits, *a))[1])
@@ -302,6 +302,7 @@ def test_engine_choice_and_the_model_left_as_found(tok, llama):
     g = generate(llama, tok, PROMPTS[:1], temperature=0, max_new_tokens=3)
     assert g.settings["engine"] == "fast"  # "auto" on a tested architecture
     assert llama.config._attn_implementation == before and llama.training
+    assert not any("forward" in vars(m) for m in llama.modules())  # oneDNN linears unhooked
     assert generate(llama, tok, PROMPTS[:1], temperature=0, max_new_tokens=3, engine="hf").settings["engine"] == "hf"
     with pytest.raises(ValueError, match="engine"):
         generate(llama, tok, PROMPTS[:1], engine="vllm")
