@@ -39,8 +39,15 @@ def launch(config: str | None, nproc: int, *args: str, module: bool = False, che
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), *target]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, failure(proc)
     return proc
+
+
+def failure(proc) -> str:
+    """What went wrong in a launch: the workers' own tracebacks (torchrun prefixes them ``[rankN]:``), which
+    come before the launcher's, then the end of everything."""
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]
+    return "\n".join([f"exit {proc.returncode}", *ranks[-60:], "--- stderr tail:", proc.stderr[-2500:]])
 
 
 def one_step(config: str | None, nproc: int, cfg: dict, result: Path, **spec) -> dict:
