@@ -315,7 +315,9 @@ def online_cmd(
     with _user_errors():
         cfg = load_config(config, {**overrides, **parse_set(set_ or [])}, model=OnlineConfig)
         result = run_online(cfg, log=typer.echo)
-    typer.echo(f"done: {len(result.rows)} iterations; {result.output_dir / 'iterations.jsonl'}; report {result.report}")
+    if _is_main_process():
+        typer.echo(f"done: {len(result.rows)} iterations; {result.output_dir / 'iterations.jsonl'}; "
+                   f"report {result.report}")
 
 
 # ------------------------------------------------------------ reward, judge (owner: preftune/reward) ---

@@ -23,17 +23,31 @@ from preftune.online import store
 HEAD = 8  # tokens of each answer in the length-matched fluency
 
 
-def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int) -> dict:
+def heldout_generations(run, t: int):
+    """π_t's held-out answers: ``(sampled, greedy or None)``, or None without held-out prompts. Under several
+    processes every one calls this (each samples its share; all get every answer)."""
+    cfg = run.cfg
+    if not run.heldout:
+        return None
+    gens = run.sample(run.heldout, cfg.heldout_samples, cfg.seed + 1, cfg.resolved("temperature"),
+                      cfg.resolved("top_p"), f"held-out π_{t}")
+    greedy = run.sample(run.heldout, 1, cfg.seed + 1, 0.0, 1.0, f"greedy π_{t}") if cfg.greedy_eval else None
+    return gens, greedy
+
+
+def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int, answers=None) -> dict:
+    """The figures of π_t on the held-out prompts, from ``answers`` (``heldout_generations``; sampled here
+    when not given), and ``heldout.jsonl``."""
     from preftune.eval.policy_eval import mean_se, wilson
     from preftune.eval.quality import distinct_n, repeats
     from preftune.tasks import word_count
 
-    cfg, policy, task = run.cfg, run.policy, run.task
-    if not run.heldout:
+    policy, task = run.policy, run.task
+    if answers is None:
+        answers = heldout_generations(run, t)
+    if answers is None:
         return {}
-    gens = run.sample(run.heldout, cfg.heldout_samples, cfg.seed + 1, cfg.resolved("temperature"),
-                      cfg.resolved("top_p"), f"held-out π_{t}")
-    greedy = run.sample(run.heldout, 1, cfg.seed + 1, 0.0, 1.0, f"greedy π_{t}") if cfg.greedy_eval else None
+    gens, greedy = answers
 
     def judged(g):
         return [[task.judge(p, s.text, s.finished) for s in row] for p, row in zip(g.prompts, g.samples,

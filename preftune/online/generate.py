@@ -7,6 +7,9 @@ the token count, and whether the model ended its turn (EOS) or was cut by ``max_
 
 Determinism: batch ``i`` runs under ``torch.manual_seed(seed + i)`` inside a forked RNG, so the
 same prompts, seed and ``batch_size`` give the same samples, and the caller's RNG is untouched.
+Data-parallel sampling splits the same batches: process ``r`` of ``N`` runs ``part=(r, N)``, the
+batches ``i`` with ``i % N == r``, each with the seed it has in a whole run, and ``merge_parts`` of
+the N results is the whole run's ``Generations``, token for token, whatever ``N``.
 Left padding with an explicit attention mask makes a prompt's greedy output the same alone or in a
 batch (a test checks it).
 
@@ -120,13 +123,15 @@ def generate(
     chat_template: str = "auto",
     progress: Callable[[int], None] | None = None,
     engine: str = "auto",
+    part: tuple[int, int] = (0, 1),
 ) -> Generations:
     """Sample ``n`` responses for each prompt (``temperature=0``: greedy, then ``n`` must be 1).
 
     ``batch_size`` counts sequences (prompt × sample) per batch (``"fast"`` keeps a prompt's ``n``
     samples in one batch: ``max(1, batch_size // n)`` prompts). ``progress(k)`` is called after each
     batch with the number of sequences it produced (e.g. a tqdm ``update``). ``engine``: ``"auto"``,
-    ``"fast"`` or ``"hf"`` (see the module docstring).
+    ``"fast"`` or ``"hf"`` (see the module docstring). ``part=(r, N)``: only the batches ``i`` with
+    ``i % N == r``; the other samples are ``None`` (``merge_parts`` fills them from the other parts).
     """
     if n < 1:
         raise ValueError("n must be at least 1")
@@ -136,6 +141,9 @@ def generate(
         raise ValueError("greedy decoding (temperature=0) gives n identical samples; use n=1")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    rank, parts = part
+    if not 0 <= rank < parts:
+        raise ValueError(f"part must be (r, N) with 0 <= r < N, got {part}")
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template)
     stop = eos_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -153,8 +161,8 @@ def generate(
 
         ids = sample_token_ids(model, prompt_ids, n=n, temperature=temperature, top_p=top_p,
                                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, stop=stop,
-                               pad_id=pad_id, progress=progress)
-        samples = [[_to_sample(t, stop, tokenizer) for t in row] for row in ids]
+                               pad_id=pad_id, progress=progress, part=part)
+        samples = [[_to_sample(t, stop, tokenizer) for t in row] if row is not None else [None] * n for row in ids]
         return Generations(list(prompts), prompt_ids, samples, settings)
     device = next(model.parameters()).device
     # Flattened (prompt, sample) jobs, longest prompts together so padding stays small.
@@ -165,6 +173,8 @@ def generate(
     model.eval()
     try:
         for b, start in enumerate(range(0, len(order), batch_size)):
+            if b % parts != rank:
+                continue
             batch = [jobs[j] for j in order[start : start + batch_size]]
             seqs = [prompt_ids[i] for i, _ in batch]
             L = max(len(s) for s in seqs)
@@ -203,6 +213,26 @@ def _to_sample(tokens: list[int], stop: list[int], tokenizer) -> Sample:
             ids = tokens[: t + 1]
             return Sample(tokenizer.decode(ids[:-1], skip_special_tokens=True).strip(), ids, True)
     return Sample(tokenizer.decode(tokens, skip_special_tokens=True).strip(), tokens, False)
+
+
+def merge_parts(parts: list[Generations]) -> Generations:
+    """The whole run's ``Generations`` from those of ``part=(0, N)`` … ``(N−1, N)`` (in any order): each
+    sample from the part that drew it."""
+    first = parts[0]
+    samples = [list(row) for row in first.samples]
+    for g in parts[1:]:
+        if g.prompt_ids != first.prompt_ids:
+            raise ValueError("merge_parts: the parts were sampled for different prompts")
+        for i, row in enumerate(g.samples):
+            for k, s in enumerate(row):
+                if s is not None:
+                    if samples[i][k] is not None:
+                        raise ValueError(f"merge_parts: sample {k} of prompt {i} was drawn by two parts")
+                    samples[i][k] = s
+    missing = [(i, k) for i, row in enumerate(samples) for k, s in enumerate(row) if s is None]
+    if missing:
+        raise ValueError(f"merge_parts: {len(missing)} samples drawn by no part (first: prompt {missing[0][0]})")
+    return Generations(first.prompts, first.prompt_ids, samples, first.settings)
 
 
 def generations_to_rows(gens: Generations) -> list[dict]:

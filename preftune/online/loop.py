@@ -11,6 +11,9 @@ Cost rules: one trainable model in memory (LoRA: the reference is the adapters t
 on the sampled token ids; reference log-probs computed once per iteration and handed to the trainer;
 nothing sampled or scored twice (the held-out samples of π_t are the "previous" side of π_{t+1}'s
 win rate).
+
+Under ``accelerate launch`` with N data-parallel processes (online/processes.py) sampling and training are
+shared out, and the main process alone judges, builds, evaluates and writes every file.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 from preftune.online import store
 from preftune.online.build import Pair, build_pairs, curriculum_stages, large_margin, win_rates
 from preftune.online.config import OnlineConfig
-from preftune.online.store import IterationDir
+from preftune.online.processes import Processes
+from preftune.online.store import PHASES, IterationDir
 
 
 @dataclass
@@ -174,7 +178,9 @@ class OnlineRun:
     def __init__(self, cfg: OnlineConfig, log=print):
         from preftune.tasks import get_task
 
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
+        self.procs = Processes(cfg)  # refuses the launches and algorithms not run under several processes
+        self.log = log if self.procs.is_main else _quiet
         self.alg = cfg.algo()
         self.task = get_task(cfg.task)
         self.out = Path(cfg.output or f"runs/online-{cfg.algorithm}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -189,22 +195,15 @@ class OnlineRun:
         cfg = self.cfg
         summary = cfg.summary()
         summary["output"] = str(self.out)
+        summary["processes"] = self.procs.world  # batch_size is per process: the global batch depends on it
         cfg_path = self.out / "online_config.json"
-        if cfg_path.exists():
-            if not cfg.resume:
-                raise ValueError(f"{self.out} already holds an online run; pass --resume to continue it, "
-                                 "or choose another --output")
-            old = store.read_json(cfg_path)
-            changed = sorted(k for k in summary if k not in ("resume", "progress", "plot", "threads", "output")
-                             and old.get(k) != summary[k])
-            if changed:
-                raise ValueError(f"{cfg_path}: the run was started with other settings ({', '.join(changed)}); "
-                                 "resume with the same settings or use a new --output")
+        self.procs.on_main(lambda: self._check_output(cfg_path, summary))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.policy = Policy(cfg)
-        self.out.mkdir(parents=True, exist_ok=True)
-        store.write_json(cfg_path, summary)
+        if self.procs.world > 1:  # each process samples and trains on its own device
+            self.policy.model.to(self.procs.device)
+        self.procs.on_main(lambda: store.write_json(cfg_path, summary))
         rng = random.Random(cfg.seed)
         pool = self.task.train_prompts()
         self.order = rng.sample(pool, len(pool))
@@ -214,8 +213,21 @@ class OnlineRun:
                      "reuse prompts")
         held = self.task.heldout_prompts()
         self.heldout = random.Random(cfg.seed + 1).sample(held, min(cfg.heldout_prompts, len(held)))
-        self.judge = self._make_judge()
+        self.judge = self._make_judge() if self.procs.is_main else None  # the main process judges
         self.teacher = _read_teacher(cfg.teacher_file, self.policy.tokenizer) if cfg.teacher_file else {}
+
+    def _check_output(self, cfg_path: Path, summary: dict) -> None:
+        if not cfg_path.exists():
+            return
+        if not self.cfg.resume:
+            raise ValueError(f"{self.out} already holds an online run; pass --resume to continue it, "
+                             "or choose another --output")
+        old = {"processes": 1, **store.read_json(cfg_path)}  # runs from before it was recorded ran one
+        changed = sorted(k for k in summary if k not in ("resume", "progress", "plot", "threads", "output")
+                         and old.get(k) != summary[k])
+        if changed:
+            raise ValueError(f"{cfg_path}: the run was started with other settings ({', '.join(changed)}); "
+                             "resume with the same settings or use a new --output")
 
     def _make_judge(self):
         from preftune.online.judging import SampleJudge
@@ -232,88 +244,112 @@ class OnlineRun:
     def run(self) -> OnlineResult:
         t0 = time.perf_counter()
         self.prepare()
+        procs = self.procs
         base_path = self.out / "eval_base.json"
-        if base_path.exists():
+        if procs.broadcast(base_path.exists()):
             base_eval = store.read_json(base_path)
         else:
-            base_eval = self.evaluate(self.out / "eval_base", prev_state=None, t=0)
-            store.write_json(base_path, base_eval)
+            base_eval = self.evaluate(self.out / "eval_base", prev_state=None, t=0,
+                                      then=lambda ev: store.write_json(base_path, ev))
         self.log(f"[online] π_0 held-out: {_rate_text(base_eval)}")
         rows = []
         start_state: dict | None = None  # π_0 is the fresh adapter (B = 0): the state of the model now
         self.states = {0: self.policy.state()}
         for t in range(1, self.cfg.iterations + 1):
             it = IterationDir(self.out, t)
-            if it.complete():
+            # Every process goes by the main process's view of the folder, read before it writes again.
+            done = procs.broadcast(set(it.manifest()["phases"]))
+            if done >= set(PHASES):
                 self.policy.load_state_file(it.file("policy.safetensors"))
                 self.states[t] = self.policy.state()
-                rows.append(self.row(it, base_eval))
+                if procs.is_main:
+                    rows.append(self.row(it, base_eval))
                 continue
             if t > 1:  # restore π_{t-1} (after a resume the model in memory is π_0)
                 self.policy.load_state_file(IterationDir(self.out, t - 1).file("policy.safetensors"))
             start_state = self.policy.state()
             self.states[t - 1] = start_state
-            self.iteration(it, t)
-            rows.append(self.row(it, base_eval))
-            store.write_jsonl(self.out / "iterations.jsonl", rows)
-            self.log(f"[online] iteration {t}: {_rate_text(it.info('eval'))}; pairs {it.info('build').get('pairs')}")
-        store.write_jsonl(self.out / "iterations.jsonl", rows)
+            self.iteration(it, t, done)
+
+            def record(it=it, t=t) -> None:
+                rows.append(self.row(it, base_eval))
+                store.write_jsonl(self.out / "iterations.jsonl", rows)
+                self.log(f"[online] iteration {t}: {_rate_text(it.info('eval'))}; "
+                         f"pairs {it.info('build').get('pairs')}")
+
+            procs.on_main(record)
         self.timings["total"] = time.perf_counter() - t0
-        from preftune.online.report import write_report
 
-        report = write_report(self.out, self.cfg, base_eval, rows, log=self.log)
-        return OnlineResult(self.out, rows, base_eval, report, self.timings)
+        def finish():
+            from preftune.online.report import write_report
 
-    def iteration(self, it: IterationDir, t: int) -> None:
-        if self.alg.shape == "per_step":
+            store.write_jsonl(self.out / "iterations.jsonl", rows)
+            return write_report(self.out, self.cfg, base_eval, rows, log=self.log)
+
+        report = procs.on_main(finish)
+        return OnlineResult(self.out, rows, base_eval if procs.is_main else {}, report, self.timings)
+
+    def iteration(self, it: IterationDir, t: int, done: set[str]) -> None:
+        """The phases of iteration ``t`` not in ``done`` (those its manifest listed when it began)."""
+        if self.alg.shape == "per_step":  # one process only (online/processes.py)
             from preftune.online.per_step import run_per_step
 
-            if not it.done("train"):
+            if "train" not in done:
                 run_per_step(self, it, t)
         else:
             self._init_logps = {}  # π_0 log-probs of this iteration's samples (tie_break=fluency)
-            gens = self.sample_phase(it, t)
-            judged = self.judge_phase(it, gens)
-            if not it.done("build"):
-                self.build_phase(it, t, gens, judged)
-            if not it.done("train"):
+            gens = self.sample_phase(it, t, done)
+            if "build" not in done:
+                self.procs.on_main(lambda: self.build_phase(it, t, gens, self.judge_phase(it, gens)))
+            if "train" not in done:
                 self.train_phase(it, t, gens)
-        if not it.done("eval"):
-            if it.done("train"):  # after a resume the model in memory is π_{t−1}; the phase saved π_t
+        if "eval" not in done:
+            if "train" in done:  # after a resume the model in memory is π_{t−1}; the phase saved π_t
                 self.policy.load_state_file(it.file("policy.safetensors"))
             t0 = time.perf_counter()
-            ev = self.evaluate(it.path / "eval", prev_state=self.states[t - 1], t=t)
-            ev["seconds"] = time.perf_counter() - t0
-            it.finish("eval", ev)
+
+            def finish(ev: dict) -> None:
+                ev["seconds"] = time.perf_counter() - t0
+                it.finish("eval", ev)
+
+            self.evaluate(it.path / "eval", prev_state=self.states[t - 1], t=t, then=finish)
 
     # ------------------------------------------------------------------ phases
     def sample(self, prompts, n: int, seed: int, temperature: float, top_p: float, desc: str):
         from tqdm.auto import tqdm
 
-        from preftune.online.generate import generate
+        from preftune.online.generate import generate, merge_parts
 
+        procs = self.procs
         model = self.policy.sampling_model()
-        with tqdm(total=len(prompts) * n, desc=f"sample ({desc})", unit="seq", disable=not self.cfg.progress,
-                  dynamic_ncols=True) as bar:
-            return generate(model, self.policy.tokenizer, prompts, n=n, temperature=temperature,
+        # Each process draws every N-th batch (the same batches and seeds as one process), then all gather.
+        with tqdm(total=len(prompts) * n, desc=f"sample ({desc})", unit="seq", dynamic_ncols=True,
+                  disable=not (self.cfg.progress and procs.is_main)) as bar:
+            gens = generate(model, self.policy.tokenizer, prompts, n=n, temperature=temperature,
                             top_p=top_p, max_new_tokens=self.cfg.max_new_tokens, seed=seed,
-                            batch_size=self.cfg.gen_batch_size, progress=bar.update)
+                            batch_size=self.cfg.gen_batch_size, part=procs.part,
+                            progress=lambda k: bar.update(k * procs.world))  # the others keep about its pace
+        return gens if procs.world == 1 else merge_parts(procs.gather(gens))
 
-    def sample_phase(self, it: IterationDir, t: int):
+    def sample_phase(self, it: IterationDir, t: int, done: set[str]):
         from preftune.online.generate import generations_from_rows, generations_to_rows
 
         path = it.file("samples.jsonl")
-        if it.done("sample"):
+        if "sample" in done:
             return generations_from_rows(store.read_jsonl(path))
         t0 = time.perf_counter()
         gens = self.sample(self.prompts_for(t), self.k, self.cfg.seed + 1000 * t, self.cfg.resolved("temperature"),
                            self.cfg.resolved("top_p"), f"iteration {t}")
         secs = time.perf_counter() - t0
-        store.write_jsonl(path, generations_to_rows(gens))
-        tokens = [s.num_tokens for row in gens.samples for s in row]
-        it.finish("sample", {"prompts": len(gens.prompts), "gen_tokens": sum(tokens), "gen_seconds": secs,
-                             "eos_rate": _mean([s.finished for row in gens.samples for s in row]),
-                             "len_mean": _mean(tokens)})
+
+        def write() -> None:
+            store.write_jsonl(path, generations_to_rows(gens))
+            tokens = [s.num_tokens for row in gens.samples for s in row]
+            it.finish("sample", {"prompts": len(gens.prompts), "gen_tokens": sum(tokens), "gen_seconds": secs,
+                                 "eos_rate": _mean([s.finished for row in gens.samples for s in row]),
+                                 "len_mean": _mean(tokens)})
+
+        self.procs.on_main(write)
         return gens
 
     def judge_phase(self, it: IterationDir, gens) -> list:
@@ -530,8 +566,12 @@ class OnlineRun:
         if not rows:
             self.log(f"[online] iteration {t}: no pairs (every prompt's samples tied); training skipped, "
                      "π_t carries over")
-            self.policy.save_state(it.file("policy.safetensors"))
-            it.finish("train", {"skipped": "no pairs", "steps": 0})
+
+            def skip() -> None:
+                self.policy.save_state(it.file("policy.safetensors"))
+                it.finish("train", {"skipped": "no pairs", "steps": 0})
+
+            self.procs.on_main(skip)
             return
         if self.alg.shape == "stages":
             history, steps = self._train_stages(it, t, gens, rows)
@@ -543,11 +583,18 @@ class OnlineRun:
                 if "prev_logps" in r:
                     e.inputs["prev_logps"] = r["prev_logps"]
             ref = ReferenceCache.load(it.file("reference.safetensors"))
+            # Under N processes every one trains on its share of each global batch (DDP), and all end with
+            # the same weights.
             result = train(self.train_config(it.path / "train", t), train_examples=examples,
                            tokenizer=self.policy.tokenizer, model=self.policy.model, ref_cache=ref)
             history, steps = result.metrics, result.steps
-        self.policy.save_state(it.file("policy.safetensors"))  # π_t is the train phase's output
-        it.finish("train", {"steps": steps, "train_seconds": time.perf_counter() - t0, **_tail_means(history)})
+        secs = time.perf_counter() - t0
+
+        def write() -> None:
+            self.policy.save_state(it.file("policy.safetensors"))  # π_t is the train phase's output
+            it.finish("train", {"steps": steps, "train_seconds": secs, **_tail_means(history)})
+
+        self.procs.on_main(write)
 
     def _train_ofs(self, it: IterationDir, t: int, gens, rows):
         """OFS-DPO: fast and slow LoRA modules on the same pairs (online/ofs.py); the leader is the iterate."""
@@ -581,10 +628,20 @@ class OnlineRun:
         return [m for r in results for m in r.metrics], sum(r.steps for r in results)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, folder: Path, prev_state: dict | None, t: int) -> dict:
-        from preftune.online.evaluate import evaluate_policy
+    def evaluate(self, folder: Path, prev_state: dict | None, t: int, then=None) -> dict | None:
+        """π_t's held-out figures, and ``then(figures)`` (which writes them). Every process samples its share
+        of the held-out answers; the main process judges, scores and writes (None elsewhere)."""
+        from preftune.online.evaluate import evaluate_policy, heldout_generations
 
-        return evaluate_policy(self, folder, prev_state, t)
+        answers = heldout_generations(self, t)
+
+        def on_main() -> dict:
+            ev = evaluate_policy(self, folder, prev_state, t, answers)
+            if then is not None:
+                then(ev)
+            return ev
+
+        return self.procs.on_main(on_main)
 
     def row(self, it: IterationDir, base_eval: dict) -> dict:
         m = it.manifest()["phases"]
@@ -607,6 +664,10 @@ class OnlineRun:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of the processes other than the main one."""
 
 
 def _mean(xs) -> float | None:

@@ -344,19 +344,21 @@ def sample_token_ids(
     stop: list[int],
     pad_id: int,
     progress: Callable[[int], None] | None = None,
-) -> list[list[list[int]]]:
+    part: tuple[int, int] = (0, 1),
+) -> list[list[list[int]] | None]:
     """``out[i][k]``: the generated ids of sample ``k`` of prompt ``i``, cut after the first EOS.
 
     Prompts run longest first, ``max(1, batch_size // n)`` prompts (with all their samples) per
     batch; batch ``b`` draws from a generator seeded ``seed + b``, so the same inputs give the same
-    samples and the global RNG is untouched.
+    samples and the global RNG is untouched. ``part=(r, N)``: only the batches ``b`` with
+    ``b % N == r`` (``out[i]`` is None for the prompts of the others).
     """
     _register()
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
     per_batch = max(1, batch_size // n)
     stop_t = torch.tensor(stop, device=device)
-    out: list[list[list[int]]] = [[] for _ in prompt_ids]
+    out: list[list[list[int]] | None] = [None for _ in prompt_ids]
     config = model.config
     saved_attn, was_training = config._attn_implementation, model.training
     config._attn_implementation = ATTENTION_NAME
@@ -364,6 +366,8 @@ def sample_token_ids(
     try:
         with _onednn_linears(model, rows=min(per_batch, len(order)) * n):
             for b, start in enumerate(range(0, len(order), per_batch)):
+                if b % part[1] != part[0]:
+                    continue
                 batch = order[start : start + per_batch]
                 gen = torch.Generator(device=device).manual_seed(seed + b)
                 rows = _sample_batch(model, [prompt_ids[i] for i in batch], n, temperature, top_p, max_new_tokens,

@@ -260,10 +260,8 @@ class Runner:
         per_step = self.cfg.batch_size * self.cfg.grad_accum * self.world
         order = self.order(epoch)
         global_idx = order[pos * per_step : (pos + 1) * per_step]
-        per_proc = self.cfg.batch_size * self.cfg.grad_accum
-        mine = global_idx[self.acc.process_index * per_proc : (self.acc.process_index + 1) * per_proc]
-        micro = [mine[i : i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
-        return [m for m in micro if m], len(global_idx)
+        return split_step(global_idx, self.acc.process_index, self.world, self.cfg.batch_size,
+                          self.cfg.grad_accum), len(global_idx)
 
     def forward_loss(self, dataset, indices: list[int], grad: bool) -> Micro:
         return self.forward(self, dataset, indices, grad)
@@ -284,12 +282,17 @@ class Runner:
             self.forward.ref_caches["train"] = ref_cache
         mine = list(range(len(examples)))[self.acc.process_index :: self.world]
         bs = self.cfg.batch_size
-        metrics = self._step([mine[i : i + bs] for i in range(0, len(mine), bs)], len(examples))
+        busiest = math.ceil(math.ceil(len(examples) / self.world) / bs)  # process 0's micro-batches
+        micro = [mine[i : i + bs] for i in range(0, len(mine), bs)]
+        metrics = self._step(micro + [[]] * (busiest - len(micro)), len(examples))
         self.step += 1
         self.history.append({"step": self.step, **metrics})
         return metrics
 
     def _step(self, micro: list[list[int]], n_global: int) -> dict[str, float]:
+        """One optimizer step on this process's ``micro``-batches of the global step's ``n_global`` examples.
+        An empty micro-batch is a stand-in (``split_step``): a forward and backward on one example whose loss
+        counts zero, so that every process runs as many of them as the others."""
         sums: dict[str, torch.Tensor] = {}
         t0, tokens = now(), 0
         # DeepSpeed steps inside backward, at the micro-batch accelerate marks as the last; the loss is
@@ -299,13 +302,16 @@ class Runner:
             sync = i == len(micro) - 1
             self.acc.sync_gradients = sync
             ctx = self.acc.no_sync(self.engine) if not sync else contextlib.nullcontext()
-            with ctx:
-                out = self.forward_loss(self.train_set, indices, grad=True)
+            stand_in = not indices
+            with ctx, self.objective_state_kept() if stand_in else contextlib.nullcontext():
+                out = self.forward_loss(self.train_set, indices or [0], grad=True)
                 # Sum here, divide by the global example count: exact mean over the global batch.
                 loss = out.result.losses.sum() / n_global * self.world
-                self.acc.backward(loss, **ds)
-            tokens += out.batch.num_tokens
-            _accumulate(sums, out.result, out.batch.batch_size, _logps(out))
+                self.acc.backward(loss * 0.0 if stand_in else loss, **ds)
+            # A stand-in counts nothing, but gives its metrics' keys: every process reduces the same ones.
+            tokens += 0 if stand_in else out.batch.num_tokens
+            _accumulate(sums, out.result, out.batch.batch_size, _logps(out),
+                        counted=[False] * out.batch.batch_size if stand_in else None)
         grad_norm = self.clip()
         lr = self.sched.get_last_lr()[0]  # the rate this update uses
         self.opt.step()
@@ -348,6 +354,17 @@ class Runner:
         """Under FSDP2, back to shards after forwards without a backward (train/distributed.py ``reshard``)."""
         if self.kind == "fsdp2":
             distributed.reshard(self.base_engine)
+
+    @contextlib.contextmanager
+    def objective_state_kept(self):
+        """The objective's running state as it was before the block (a stand-in micro-batch leaves no trace)."""
+        state = self.loss_state
+        snapshot = copy.deepcopy(state.state_dict()) if state is not None else None
+        try:
+            yield
+        finally:
+            if state is not None:
+                state.load_state_dict(snapshot)
 
     @contextlib.contextmanager
     def evaluating(self):
@@ -454,6 +471,21 @@ class Runner:
             self.forward.save_final(model, self.tokenizer, target)
         self.acc.wait_for_everyone()
         return target
+
+
+def split_step(global_idx: list[int], rank: int, world: int, batch_size: int, grad_accum: int) -> list[list[int]]:
+    """Process ``rank``'s micro-batches of a global step's examples ``global_idx``: its ``batch_size ×
+    grad_accum`` consecutive ones, ``batch_size`` at a time. Forwards and gradient syncs are collective (DDP's
+    all-reduce at the last micro-batch, FSDP2's gathers in every forward, DeepSpeed's step), so every process
+    runs as many micro-batches as process 0: one short of examples (the last step of an epoch whose examples
+    do not fill every process) gets empty ones, which ``Runner._step`` runs as stand-ins counting zero.
+    Objectives that pool statistics across processes inside the loss (β-DPO) see the stand-in's example in
+    that step's pooled statistics."""
+    per_proc = batch_size * grad_accum
+    mine = global_idx[rank * per_proc : (rank + 1) * per_proc]
+    micro = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    busiest = math.ceil(min(per_proc, len(global_idx)) / batch_size)
+    return micro + [[] for _ in range(busiest - len(micro))]
 
 
 def eval_shard(n: int, world: int, rank: int) -> tuple[list[int], list[bool]]:

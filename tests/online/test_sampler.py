@@ -278,6 +278,27 @@ def test_seeded_and_leaves_the_global_rng(tok, llama):
     assert a.settings["engine"] == "fast"
 
 
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_parts_merge_into_the_whole_run(tok, llama, engine):
+    """Data-parallel sampling: parts (r, N) draw every N-th batch with its whole-run seed, so merged they are
+    the whole run's samples token for token, for any N (3 parts here leave the third one batch)."""
+    from preftune.online.generate import merge_parts
+
+    prompts = PROMPTS + SYSTEM_PROMPTS[:3]
+    kw = dict(n=2, temperature=1.0, top_p=0.9, max_new_tokens=6, batch_size=4, seed=3, engine=engine)
+    whole = generate(llama, tok, prompts, **kw)
+    for world in (2, 3):
+        parts = [generate(llama, tok, prompts, part=(r, world), **kw) for r in range(world)]
+        assert all(any(s is None for row in p.samples for s in row) for p in parts)  # each drew a share only
+        merged = merge_parts(parts[::-1])
+        assert _ids(merged) == _ids(whole) and merged.texts() == whole.texts()
+        assert merged.finished() == whole.finished() and merged.prompt_ids == whole.prompt_ids
+    with pytest.raises(ValueError, match="drawn by no part"):
+        merge_parts(parts[:2])
+    with pytest.raises(ValueError, match="part must be"):
+        generate(llama, tok, prompts, part=(2, 2), **kw)
+
+
 def test_eos_kept_and_finished(tok):
     """With every other token a stop token, samples end at all steps: the stop id is the last id,
     appears nowhere before it, ``finished`` says whether it was reached, the text leaves it out."""

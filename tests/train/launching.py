@@ -27,10 +27,11 @@ def _env() -> dict:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def launch(config: str | None, nproc: int, *args: str, module: bool = False, check: bool = True):
-    """``accelerate launch --config_file configs/accelerate/<config>.yaml`` (None: plain python) of the worker,
-    or with ``module`` of ``-m preftune``."""
-    target = ["-m", "preftune", *args] if module else [str(WORKER), *args]
+def launch(config: str | None, nproc: int, *args: str, module: bool = False, check: bool = True,
+           script: Path = WORKER):
+    """``accelerate launch --config_file configs/accelerate/<config>.yaml`` (None: plain python) of the worker
+    (``script``: another one), or with ``module`` of ``-m preftune``."""
+    target = ["-m", "preftune", *args] if module else [str(script), *args]
     if config is None:
         cmd = [sys.executable, *target]
     else:

@@ -92,3 +92,60 @@ def test_unsharded_copy_holds_the_given_weights(lora):
     assert torch.equal(base.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.isfinite(copy(input_ids=ids).logits).all()
+
+
+def test_every_process_runs_as_many_micro_batches_and_each_example_once():
+    """split_step: a process short of examples in a step (the last of an epoch) gets empty stand-ins, so every
+    process runs process 0's number of micro-batches (collectives pair up), and the real ones hold each of
+    the step's examples exactly once."""
+    from preftune.train.loop import split_step
+
+    steps = [(7, 2, 2, 2), (3, 2, 1, 2), (1, 2, 1, 1), (3, 4, 1, 1), (8, 2, 2, 2), (6, 1, 4, 2)]
+    for n, world, bs, accum in steps:  # n examples: at most one global step, world × bs × accum
+        idx = list(range(100, 100 + n))
+        parts = [split_step(idx, r, world, bs, accum) for r in range(world)]
+        assert len({len(p) for p in parts}) == 1, (n, world, parts)
+        real = [i for p in parts for m in p for i in m]
+        assert sorted(real) == idx and all(len(m) <= bs for p in parts for m in p)
+    assert split_step(list(range(3)), 1, 2, 1, 2) == [[2], []]  # process 1 of a 3-example step: one stand-in
+    assert split_step(list(range(4)), 0, 1, 2, 2) == [[0, 1], [2, 3]]  # one process: as before
+
+
+def test_online_refuses_sharded_launches_and_loops_of_their_own(monkeypatch):
+    from preftune.online.config import OnlineConfig
+    from preftune.online.processes import refusals
+
+    cfg = OnlineConfig.quick()
+    assert refusals(cfg, 2) == []
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert "not run under FSDP2" in refusals(cfg, 1)[0] and "ddp.yaml" in refusals(cfg, 2)[0]
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert "not run under DeepSpeed" in refusals(cfg, 2)[0]
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    for alg, why in [("online_dpo", "one optimizer step per batch"), ("ofs_dpo", "loop of its own"),
+                     ("curry_dpo", "not tested")]:
+        assert refusals(OnlineConfig.quick(algorithm=alg), 1) == []
+        assert why in refusals(OnlineConfig.quick(algorithm=alg), 2)[0]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    from preftune.online.loop import OnlineRun
+
+    with pytest.raises(ValueError, match="not run under FSDP2"):
+        OnlineRun(cfg)
+
+
+def test_online_resume_needs_as_many_processes(tmp_path):
+    """batch_size is per process: a run resumed under another number of processes would train on another
+    global batch, so the number is recorded and checked (a run from before it was recorded ran one)."""
+    import json
+
+    from preftune.online.config import OnlineConfig
+    from preftune.online.loop import OnlineRun
+
+    run = OnlineRun(OnlineConfig.quick(output=str(tmp_path), resume=True))
+    path = tmp_path / "online_config.json"
+    summary = {**run.cfg.summary(), "output": str(tmp_path)}
+    path.write_text(json.dumps({k: v for k, v in summary.items() if k != "processes"}))  # an older run's
+    run._check_output(path, {**summary, "processes": 1})
+    with pytest.raises(ValueError, match=r"other settings \(processes\)"):
+        run._check_output(path, {**summary, "processes": 2})
