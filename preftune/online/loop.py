@@ -223,8 +223,12 @@ class OnlineRun:
             raise ValueError(f"{self.out} already holds an online run; pass --resume to continue it, "
                              "or choose another --output")
         old = {"processes": 1, **store.read_json(cfg_path)}  # runs from before it was recorded ran one
-        changed = sorted(k for k in summary if k not in ("resume", "progress", "plot", "threads", "output")
-                         and old.get(k) != summary[k])
+        # iterations may grow: iteration t's prompts, seeds and reference do not depend on T, so a finished run
+        # continues with more iterations exactly as if it had been started with them
+        changed = sorted(k for k in summary if k not in ("resume", "progress", "plot", "threads", "output",
+                                                         "iterations") and old.get(k) != summary[k])
+        if summary["iterations"] < old.get("iterations", 0):
+            changed.append("iterations (fewer than the run has)")
         if changed:
             raise ValueError(f"{cfg_path}: the run was started with other settings ({', '.join(changed)}); "
                              "resume with the same settings or use a new --output")
@@ -327,7 +331,7 @@ class OnlineRun:
                   disable=not (self.cfg.progress and procs.is_main)) as bar:
             gens = generate(model, self.policy.tokenizer, prompts, n=n, temperature=temperature,
                             top_p=top_p, max_new_tokens=self.cfg.max_new_tokens, seed=seed,
-                            batch_size=self.cfg.gen_batch_size, part=procs.part,
+                            batch_size=self.cfg.gen_batch_size, part=procs.part, engine=self.cfg.sampling_engine,
                             progress=lambda k: bar.update(k * procs.world))  # the others keep about its pace
         return gens if procs.world == 1 else merge_parts(procs.gather(gens))
 

@@ -116,6 +116,16 @@ def test_resume_after_kill_between_phases_gives_the_same_rows(tmp_path, tiny_fol
     assert _untimed(_rows(cut)) == _untimed(_rows(full_sppo_run))
 
 
+def test_a_finished_run_continues_with_more_iterations(tmp_path, tiny_folder, full_sppo_run):
+    args = ["--algorithm", "sppo", "--model", tiny_folder, "--task", "tiny_letters", *QUICK]
+    out = tmp_path / "grow"
+    _run([*args, "--iterations", "1", "--output", str(out)])
+    _run([*args, "--iterations", "2", "--output", str(out), "--resume"])
+    assert _untimed(_rows(out)) == _untimed(_rows(full_sppo_run))  # as if started with 2 iterations
+    res = CliRunner().invoke(app, ["online", *args, "--iterations", "1", "--output", str(out), "--resume"])
+    assert res.exit_code != 0 and "fewer than the run has" in (res.output + repr(res.exception))
+
+
 def test_fluency_tie_break_picks_the_most_natural_best_and_reuses_its_reference(tmp_path, tiny_folder):
     import torch
     from transformers import AutoModelForCausalLM
@@ -220,3 +230,6 @@ def test_demo_quick_runs_the_iterative_recipe(tmp_path):
     for section in ("## Held-out, per iterate", "## Better answers, or only a higher score?", "## Settings"):
         assert section in report
     assert "held-out success (sampled)" in res.output
+    settings = json.loads((out / "online_config.json").read_text())
+    assert (settings["algorithm"], settings["loss"], settings["tie_break"]) == ("iterative_dpo", "dpo_nll", "fluency")
+    assert all("fluency" in json.loads(x) for x in (out / "iter_01" / "judgements.jsonl").read_text().splitlines())
