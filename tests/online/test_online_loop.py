@@ -231,5 +231,6 @@ def test_demo_quick_runs_the_iterative_recipe(tmp_path):
         assert section in report
     assert "held-out success (sampled)" in res.output
     settings = json.loads((out / "online_config.json").read_text())
-    assert (settings["algorithm"], settings["loss"], settings["tie_break"]) == ("iterative_dpo", "dpo_nll", "fluency")
+    assert (settings["algorithm"], settings["loss"], settings["tie_break"], settings["ref_mode"]) == (
+        "iterative_dpo", "dpo_nll", "fluency", "fixed")
     assert all("fluency" in json.loads(x) for x in (out / "iter_01" / "judgements.jsonl").read_text().splitlines())
