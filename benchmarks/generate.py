@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ["hf_fp32", "hf_bf16", "fast_fp32", "fast_bf16", "ct2_fp32"]
 
@@ -280,7 +282,7 @@ def main() -> None:
             print(f"[{time.perf_counter() - t:6.0f}s] {jobs[i]['engine']} {jobs[i]['max_new_tokens']}: "
                   f"{json.dumps(res)[:300]}", flush=True)
     rows = [summarise(job, results[i], params, rates) for i, job in enumerate(jobs)]
-    meta = {"cpu": _cpu_name(), "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "threads": a.threads,
+    meta = {"cpu": cpu_name(), "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "threads": a.threads,
             "torch": torch.__version__, "command": " ".join(sys.argv), "matmul_gflops": rates, "params": params}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out).with_suffix(".tmp")
@@ -294,15 +296,6 @@ def _has(module: str) -> bool:
 
     return importlib.util.find_spec(module) is not None
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

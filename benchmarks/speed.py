@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py (scripts run from this folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["64/64", "120/120", "512/128"]
 CONFIGS = [
@@ -400,7 +402,7 @@ def machine_meta(a: argparse.Namespace, rates: dict, n_params: int) -> dict:
 
     return {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "threads": a.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -494,15 +496,6 @@ def main() -> None:
     if a.plot:
         plot(rows, Path(a.plot))
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
