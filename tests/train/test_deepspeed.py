@@ -14,6 +14,18 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shm_op_built_once():
+    # DeepSpeed's CPU comm backend JIT-builds (first time) and loads its shared-memory op in every process as
+    # the group forms. In a fresh environment the two workers built it at once and one aborted (SIGABRT, seen
+    # in a fresh clone's make test); built here first, the workers only load the finished library.
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load()
+
+
 def test_zero2_two_processes_equal_one(tiny_model_dir, pairs_file, tmp_path):
     # Two micro-batches per step: DeepSpeed must step once, after the second, on their exact sum.
     cfg = dict(reference="precompute", grad_accum=2)
