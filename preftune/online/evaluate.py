@@ -66,7 +66,7 @@ def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int, answers=
     # the base model, which would have gone on, an early EOS costs several nats, so a task that asks for
     # shorter answers would read as less fluent through that one token).
     fin = [[s.finished for s in row] for row in gens.samples]
-    per = [float(-b[: len(b) - int(f)].mean()) if len(b) > int(f) else None for bs, fs in zip(base, fin, strict=True)
+    per = [None if (m := text_logp_mean(b, f)) is None else -m for bs, fs in zip(base, fin, strict=True)
            for b, f in zip(bs, fs, strict=True)]  # in the order of ``flat``
     nll = [x for x in per if x is not None]
     ev: dict = {}
@@ -121,6 +121,13 @@ def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int, answers=
     store.write_jsonl(folder.with_suffix(".heldout.jsonl") if folder.name == "eval_base" else
                       folder.parent / "heldout.jsonl", rows)
     return ev
+
+
+def text_logp_mean(token_logps, finished: bool) -> float | None:
+    """Mean token log-prob of an answer's text: a finished answer's EOS left out (None: no text token).
+    The evaluation's fluency and the loop's fluency tie-break both read answers this way."""
+    n = len(token_logps) - int(finished)
+    return float(token_logps[:n].mean()) if n > 0 else None
 
 
 def _rows(gens, js, kind: str) -> list[dict]:

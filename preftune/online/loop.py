@@ -389,15 +389,14 @@ class OnlineRun:
         """tie_break=fluency: each sample's mean token log-prob under π_0 (its EOS left out, as in the
         evaluation's fluency), one pass over the sampled ids. The token log-probs are kept for the fixed
         reference of this iteration's pairs, so no sample is scored under π_0 twice."""
+        from preftune.online.evaluate import text_logp_mean
+
         rids = [[s.token_ids for s in row] for row in gens.samples]
         lps = self.policy.token_logps(gens.prompt_ids, rids, "init")
         self._init_logps = {(i, k): lp for i, row in enumerate(lps) for k, lp in enumerate(row)}
         for j, row, lp_row in zip(judged, gens.samples, lps, strict=True):
-            flu = []
-            for sample, lp in zip(row, lp_row, strict=True):
-                body = lp[:-1] if sample.finished and len(lp) > 1 else lp
-                flu.append(float(body.mean()) if len(body) else -1e9)  # no token: least fluent (strict JSON)
-            j.fluency = flu
+            means = [text_logp_mean(lp, s.finished) for s, lp in zip(row, lp_row, strict=True)]
+            j.fluency = [-1e9 if m is None else m for m in means]  # no text token: least fluent (strict JSON)
         return _mean([f for j in judged for f in j.fluency if f > -1e9])
 
     def build_phase(self, it: IterationDir, t: int, gens, judged) -> None:
