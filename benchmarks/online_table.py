@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -60,6 +61,25 @@ def cell_config(name: str, args):
     return OnlineConfig(**{**common, **spec, "output": str(Path(args.out) / args.task / name)})
 
 
+BASE_FILES = ("eval_base.json", "eval_base.heldout.jsonl")
+
+
+def share_base_eval(folder: Path, root: Path) -> None:
+    """Give a new cell π_0's held-out evaluation from a finished one. Every cell of a task shares the model,
+    held-out prompts, samples, seed and sampler, so π_0's evaluation is the same in each (the loop skips
+    it when ``eval_base.json`` is there); computing it once saves minutes per cell."""
+    if (folder / BASE_FILES[0]).exists():
+        return
+    for other in sorted(root.iterdir()) if root.exists() else []:
+        if other != folder and all((other / f).exists() for f in BASE_FILES):
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in reversed(BASE_FILES):  # the .json last: the loop trusts the pair once it is there
+                tmp = folder / (f + ".tmp")
+                shutil.copyfile(other / f, tmp)
+                tmp.replace(folder / f)
+            return
+
+
 def run_cell(name: str, args) -> None:
     from preftune.online.loop import run_online
 
@@ -68,6 +88,7 @@ def run_cell(name: str, args) -> None:
     if done.exists():
         print(f"[{name}] finished earlier: {done}")
         return
+    share_base_eval(Path(cfg.output), Path(cfg.output).parent)
     t0 = time.perf_counter()
     run_online(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
     print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)

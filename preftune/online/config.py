@@ -111,6 +111,10 @@ class OnlineConfig(BaseModel):
     # --- evaluation
     heldout_prompts: int = Field(64, ge=0, description="held-out prompts (unseen topics) evaluated every iteration")
     heldout_samples: int = Field(2, gt=0, description="sampled answers per held-out prompt")
+    # One held-out decoding for every algorithm (not each one's training temperature), so that their success
+    # rates compare: SPPO samples at 0.7 and online DPO at 1.0, and success moves with temperature alone.
+    eval_temperature: float = Field(0.8, gt=0, description="temperature of the held-out samples")
+    eval_top_p: float = Field(0.95, gt=0, le=1, description="top-p of the held-out samples")
     greedy_eval: bool = Field(True, description="also evaluate greedy answers on the held-out prompts")
     eval_batch_size: int = Field(8, gt=0, description="sequences per forward of KL and fluency")
     progress: bool = Field(True, description="progress bars")

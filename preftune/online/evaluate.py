@@ -29,8 +29,8 @@ def heldout_generations(run, t: int):
     cfg = run.cfg
     if not run.heldout:
         return None
-    gens = run.sample(run.heldout, cfg.heldout_samples, cfg.seed + 1, cfg.resolved("temperature"),
-                      cfg.resolved("top_p"), f"held-out π_{t}")
+    gens = run.sample(run.heldout, cfg.heldout_samples, cfg.seed + 1, cfg.eval_temperature, cfg.eval_top_p,
+                      f"held-out π_{t}")
     greedy = run.sample(run.heldout, 1, cfg.seed + 1, 0.0, 1.0, f"greedy π_{t}") if cfg.greedy_eval else None
     return gens, greedy
 

@@ -128,7 +128,7 @@ def write_report(out: Path, cfg, base: dict, rows: list[dict], log=print) -> Pat
              f"{summary['k']} samples; judge `{summary['judge']}`; objective `{summary['loss']}` "
              f"{json.dumps(summary['loss_params'])}; reference `{summary['ref_mode']}`; pair rule "
              f"`{summary['rule']}`. Held-out: {cfg.heldout_prompts} prompts on topics never trained on × "
-             f"{cfg.heldout_samples} samples (temperature {summary['temperature']}, top-p {summary['top_p']}, "
+             f"{cfg.heldout_samples} samples (temperature {cfg.eval_temperature}, top-p {cfg.eval_top_p}, "
              f"the same seed every iteration) plus one greedy answer each.", "",
              "## Held-out, per iterate", "", *eval_table(base, rows), ""]
     last = {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}

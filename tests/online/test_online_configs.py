@@ -35,3 +35,21 @@ def test_config_errors_are_clear():
         OnlineConfig(rule="best")
     with pytest.raises(ValueError, match="extrapolated"):
         OnlineConfig(ref_mode="extrapolated")
+
+
+@pytest.mark.parametrize("algorithm", ["sppo", "online_dpo", "iterative_dpo"])
+def test_heldout_decoding_is_the_same_for_every_algorithm(algorithm):
+    """Held-out samples use eval_temperature/eval_top_p, not the algorithm's training temperature: SPPO
+    trains at 0.7 and online DPO at 1.0, and their success rates must compare."""
+    from types import SimpleNamespace
+
+    from preftune.online.evaluate import heldout_generations
+
+    cfg = OnlineConfig(algorithm=algorithm, model="tiny")
+    calls = []
+    run = SimpleNamespace(cfg=cfg, heldout=["p"], sample=lambda prompts, k, seed, temp, top_p, label:
+                          calls.append((k, seed, temp, top_p)) or label)
+    heldout_generations(run, 2)
+    assert calls == [(2, 1, 0.8, 0.95), (1, 1, 0.0, 1.0)]
+    assert cfg.resolved("temperature") == \
+        {"sppo": 0.7, "online_dpo": 1.0, "iterative_dpo": 0.8}[algorithm]
