@@ -62,16 +62,22 @@ def cell_config(name: str, args):
 
 
 BASE_FILES = ("eval_base.json", "eval_base.heldout.jsonl")
+# the settings π_0's held-out evaluation depends on
+EVAL_KEYS = ("model", "task", "seed", "heldout_prompts", "heldout_samples", "greedy_eval", "eval_temperature",
+             "eval_top_p", "max_new_tokens", "sampling_engine", "sampling_precision", "gen_batch_size", "precision")
 
 
-def share_base_eval(folder: Path, root: Path) -> None:
+def share_base_eval(folder: Path, root: Path, summary: dict) -> None:
     """Give a new cell π_0's held-out evaluation from a finished one. Every cell of a task shares the model,
     held-out prompts, samples, seed and sampler, so π_0's evaluation is the same in each (the loop skips
     it when ``eval_base.json`` is there); computing it once saves minutes per cell."""
     if (folder / BASE_FILES[0]).exists():
         return
     for other in sorted(root.iterdir()) if root.exists() else []:
-        if other != folder and all((other / f).exists() for f in BASE_FILES):
+        if other == folder or not all((other / f).exists() for f in (*BASE_FILES, "online_config.json")):
+            continue
+        theirs = json.loads((other / "online_config.json").read_text())
+        if all(theirs.get(k) == summary.get(k) for k in EVAL_KEYS):
             folder.mkdir(parents=True, exist_ok=True)
             for f in reversed(BASE_FILES):  # the .json last: the loop trusts the pair once it is there
                 tmp = folder / (f + ".tmp")
@@ -88,7 +94,7 @@ def run_cell(name: str, args) -> None:
     if done.exists():
         print(f"[{name}] finished earlier: {done}")
         return
-    share_base_eval(Path(cfg.output), Path(cfg.output).parent)
+    share_base_eval(Path(cfg.output), Path(cfg.output).parent, cfg.summary())
     t0 = time.perf_counter()
     run_online(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
     print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
