@@ -60,6 +60,19 @@ def _order(scores: Sequence[float], lengths: Sequence[int] | None = None,
     return sorted(range(len(scores)), key=lambda i: (-scores[i], -tiebreak[i], i))
 
 
+def sampled_tiebreak(scores: Sequence[float], fluency: Sequence[float], temperature: float,
+                     rng: random.Random) -> list[float]:
+    """``tie_break=fluency_sampled``: the best-scored samples' fluency plus τ·Gumbel noise, the others' as it
+    is. Sorted by it (``_order``), the first of the best is then a draw with P(i) ∝ exp(fluency_i / τ)
+    (Gumbel-max), and the last of the worst stays the least fluent. With fluency the mean token log-prob
+    under π_0, τ = 1 draws each answer in proportion to its per-token geometric-mean probability: the chosen
+    leans to natural answers without always being the single most typical one (``fluency``, τ → 0, which
+    narrowed the answers' variety on word_limit; docs/online.md)."""
+    top = max(scores)
+    return [f + temperature * -math.log(-math.log(rng.random() or 1e-300)) if sc == top else f
+            for sc, f in zip(scores, fluency, strict=True)]
+
+
 def _pair(scores, w: int, l: int) -> list[Pair]:
     return [Pair(w, l, scores[w] - scores[l])] if scores[w] > scores[l] else []
 

@@ -62,12 +62,15 @@ class OnlineConfig(BaseModel):
     rule: str | None = Field(None, description="pair rule: " + ", ".join(RULES) + " (default: the algorithm's)")
     length_penalty: float = Field(0.0, ge=0, description="max_min_p: λ per character")
     min_margin: float = Field(0.0, ge=0, description="rule all: keep pairs with s_w − s_l > this")
-    tie_break: Literal["order", "fluency"] = Field(
+    tie_break: Literal["order", "fluency", "fluency_sampled"] = Field(
         "order",
-        description="between samples the judge scores equally: order (the first sampled, unbiased) or fluency "
+        description="between samples the judge scores equally: order (the first sampled, unbiased), fluency "
         "(the higher mean token log-prob under π_0 ranks higher: chosen = the most natural of the best, rejected "
-        "= the least natural of the worst; one π_0 pass over the samples, reused as the fixed reference)",
+        "= the least natural of the worst; one π_0 pass over the samples, reused as the fixed reference) or "
+        "fluency_sampled (the chosen drawn among the best with P ∝ exp(fluency/tie_break_temperature), the "
+        "rejected as in fluency)",
     )
+    tie_break_temperature: float = Field(1.0, gt=0, description="fluency_sampled: τ of the chosen's draw")
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="subtract from the judge score of a sample cut by max_new_tokens (online_dpo: 1.0)"
     )

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from preftune.online import store
-from preftune.online.build import Pair, build_pairs, curriculum_stages, large_margin, win_rates
+from preftune.online.build import Pair, build_pairs, curriculum_stages, large_margin, sampled_tiebreak, win_rates
 from preftune.online.config import OnlineConfig
 from preftune.online.processes import Processes
 from preftune.online.store import PHASES, IterationDir
@@ -370,7 +370,7 @@ class OnlineRun:
         for prompt, row in zip(gens.prompts, gens.samples, strict=True):
             judged.append(self.judge.judge_prompt(prompt, [s.text for s in row], [s.finished for s in row], need_p))
         extra = {}
-        if self.cfg.tie_break == "fluency":
+        if self.cfg.tie_break != "order":
             extra["fluency_mean"] = self._fluency(gens, judged)
         store.write_jsonl(path, [{"scores": j.scores, "P": j.P, "details": j.details,
                                   **({"fluency": j.fluency} if j.fluency is not None else {})} for j in judged])
@@ -413,9 +413,12 @@ class OnlineRun:
             elif self.rule == "large_margin":
                 pairs = [(0, p) for p in self._dno_pairs(gens.prompts[i], j, row)]
             else:
+                tb = j.fluency
+                if tb is not None and self.cfg.tie_break == "fluency_sampled":
+                    tb = sampled_tiebreak(j.scores, tb, self.cfg.tie_break_temperature, rng)
                 pairs = [(0, p) for p in build_pairs(self.rule, j.scores, P=j.P, lengths=lengths, texts=texts,
                                                       rng=rng, length_penalty=self.cfg.length_penalty,
-                                                      min_margin=self.cfg.min_margin, tiebreak=j.fluency)]
+                                                      min_margin=self.cfg.min_margin, tiebreak=tb)]
             ties += not pairs
             wr = win_rates(j.P) if "win_probs" in self.alg.inputs else None
             for stage, p in pairs:

@@ -11,6 +11,7 @@ from preftune.online.build import (
     dno_points,
     large_margin,
     preference_matrix,
+    sampled_tiebreak,
     tournament,
     win_rates,
 )
@@ -33,6 +34,26 @@ def test_fluency_tie_break_orders_equal_scores_only():
     assert build_pairs("max_max", s, tiebreak=flu) == []  # best vs second best: tied, so no pair
     assert build_pairs("max_random", s, tiebreak=flu, rng=random.Random(0))[0].w == 1
     assert [p for st in curriculum_stages(s, tiebreak=flu) for p in st][0] == Pair(1, 3, 1.0)
+
+
+def test_sampled_fluency_tie_break_draws_the_chosen_by_softmax():
+    """fluency_sampled: among the best-scored samples the chosen is drawn with P ∝ exp(fluency/τ) (Gumbel-max);
+    the rejected is still the least fluent of the worst, and lower scores are never lifted."""
+    import math
+
+    s, flu = [1.0, 1.0, 1.0, 0.0, 0.0, 0.5], [-1.0, -2.0, -1.5, -0.5, -3.0, 5.0]
+    rng, n = random.Random(0), 20000
+    for tau in (1.0, 0.5):
+        counts = [0] * len(s)
+        for _ in range(n):
+            (pair,) = build_pairs("max_min", s, tiebreak=sampled_tiebreak(s, flu, tau, rng))
+            counts[pair.w] += 1
+            assert pair.l == 4  # the least fluent 0.0
+        z = sum(math.exp(f / tau) for f in flu[:3])
+        want = [math.exp(f / tau) / z for f in flu[:3]]
+        for c, p in zip(counts[:3], want, strict=True):  # 4.5 binomial standard errors
+            assert abs(c / n - p) < 4.5 * math.sqrt(p * (1 - p) / n)
+        assert counts[3:] == [0, 0, 0]
 
 
 def test_other_rules():

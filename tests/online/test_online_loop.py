@@ -176,6 +176,26 @@ def test_fluency_tie_break_picks_the_most_natural_best_and_reuses_its_reference(
         sum(f for j in judged for f in j["fluency"]) / sum(len(j["fluency"]) for j in judged), abs=1e-6)
 
 
+def test_sampled_fluency_tie_break_draws_the_chosen_with_the_iteration_seed(tmp_path, tiny_folder):
+    """tie_break=fluency_sampled: the pairs are max_min over the judged scores with build.sampled_tiebreak
+    drawn from the build phase's generator (seed + 1000·t), prompt after prompt: replayed here exactly."""
+    import random
+
+    from preftune.online.build import build_pairs, sampled_tiebreak
+
+    out = tmp_path / "flus"
+    _run(["--model", tiny_folder, "--task", "tiny_letters", "--iterations", "1", "--output", str(out), *QUICK,
+          "--set", "tie_break=fluency_sampled", "--set", "tie_break_temperature=0.5", "--set", "k=4"])
+    judged = [json.loads(x) for x in (out / "iter_01" / "judgements.jsonl").read_text().splitlines()]
+    got = [(p["prompt"], p["w"], p["l"]) for p in
+           map(json.loads, (out / "iter_01" / "train_input.jsonl").read_text().splitlines())]
+    rng, want = random.Random(0 + 1000 * 1), []
+    for i, j in enumerate(judged):
+        tb = sampled_tiebreak(j["scores"], j["fluency"], 0.5, rng)
+        want += [(i, p.w, p.l) for p in build_pairs("max_min", j["scores"], tiebreak=tb)]
+    assert got == want and want
+
+
 def test_existing_output_needs_resume(tmp_path, tiny_folder):
     out = tmp_path / "o"
     args = ["--model", tiny_folder, "--task", "tiny_letters", "--iterations", "1", "--output", str(out), *QUICK]
