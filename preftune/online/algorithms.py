@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RefMode = Literal["fixed", "previous", "extrapolated"]
-Shape = Literal["iterative", "per_step", "stages", "fast_slow"]
+Shape = Literal["iterative", "per_step", "stages", "fast_slow", "tree"]
 RULES = ("max_min", "max_random", "max_max", "random", "max_min_p", "all", "tournament", "large_margin")
 
 
@@ -118,6 +118,17 @@ _add(Algorithm(
     loss="dpo", ref_mode="previous", rule="max_min", loss_params={"beta": 0.1}, shape="stages",
     notes="Stage s pairs the best sample with rank K − s + 1 (zero-gap pairs dropped); each stage is its "
     "own trainer run from the previous stage's model with that model as reference.",
+))
+
+_add(Algorithm(
+    "mcts_dpo", "MCTS over answer steps with the current policy; step-level DPO pairs (highest vs lowest Q child)",
+    "Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning", "2405.00451",
+    loss="dpo", ref_mode="fixed", rule="max_min", loss_params={"beta": 0.1}, shape="tree",
+    overrides={"temperature": 1.0, "top_p": 1.0},
+    notes="Steps are lines; node value = self-evaluation confidence (the policy, hinted with the task's "
+    "reference solution) + ±1 outcome at terminal steps (YuxiXie/MCTS-DPO get_values); PUCT with the "
+    "length-penalised step prior; pairs share prompt + taken steps (online/mcts.py). Needs a task with a "
+    "reference solution (arithmetic).",
 ))
 
 

@@ -94,6 +94,31 @@ class OnlineConfig(BaseModel):
     ofs_lambda: float = Field(0.1, ge=0, description="OFS-DPO: weight of the chasing term")
     ofs_swap_every: int = Field(8, gt=0, description="OFS-DPO: steps between leader checks")
     online_batch: int = Field(8, gt=0, description="online_dpo: prompts per optimizer step")
+    mcts_simulations: int = Field(8, gt=0, description="MCTS-DPO: simulations per search (4x at the prompt)")
+    mcts_depth: int = Field(2, gt=0, description="MCTS-DPO: expansion depth below the search node; past this "
+                            "absolute depth one candidate runs to the end of the answer")
+    mcts_branching: int = Field(2, gt=0, description="MCTS-DPO: candidate steps per expansion")
+    mcts_root_branching: int | None = Field(None, gt=0, description="MCTS-DPO: candidates at the prompt "
+                                            "(default mcts_branching; the code's n_init_actions)")
+    mcts_breadth_limit: int = Field(4, gt=0, description="MCTS-DPO: most candidates kept per expansion")
+    mcts_step_tokens: int = Field(32, gt=0, description="MCTS-DPO: longest step (a step ends at a newline or EOS)")
+    mcts_w_exp: float = Field(1.0, ge=0, description="MCTS-DPO: PUCT exploration weight")
+    mcts_length_penalty: float = Field(1.25, ge=0, description="MCTS-DPO: prior p = exp(Σ log π / len^this)")
+    mcts_self_eval_weight: float = Field(
+        1.0, ge=0, description="MCTS-DPO: weight of the policy's self-evaluation confidence in a node's value, "
+        "added to the ±1 outcome of terminal steps (the code adds them: weight 1; 0 = no self-evaluation)")
+    mcts_step_check_weight: float = Field(
+        0.0, ge=0, description="MCTS-DPO: weight of the task's step checker (+1/−1) added to a node's value "
+        "(a preftune extra, not in the paper)")
+    mcts_kl_coeff: float = Field(
+        0.0, ge=0, description="MCTS-DPO: r −= this · Σ(log π − log π_0) over the step (code: kl_coeff 0.02 "
+        "with add_kl never on)")
+    mcts_similarity_threshold: float = Field(
+        0.99, gt=0, le=1, description="MCTS-DPO: drop a candidate whose hidden-state F1 to a kept one is above")
+    mcts_force_terminate: bool = Field(True, description="MCTS-DPO: past mcts_depth one candidate to the end")
+    mcts_rejected: Literal["lowest", "second", "random"] = Field(
+        "lowest", description="MCTS-DPO: rejected child: lowest Q (choose_worst), second highest, or random")
+    mcts_min_q_gap: float = Field(0.0, ge=0, description="MCTS-DPO: keep pairs with Q_w − Q_l ≥ this")
 
     # --- training (each iteration is a trainer run from the current iterate)
     loss: str | None = Field(None, description="registry objective (default: the algorithm's)")

@@ -300,6 +300,12 @@ class OnlineRun:
 
             if "train" not in done:
                 run_per_step(self, it, t)
+        elif self.alg.shape == "tree":  # MCTS-DPO: trees, then step pairs with their own ids (online/mcts.py)
+            from preftune.online.mcts import tree_phases
+
+            tree_phases(self, it, t, done)
+            if "train" not in done:
+                self.train_phase(it, t, None)
         else:
             self._init_logps = {}  # π_0 log-probs of this iteration's samples (tie_break=fluency)
             gens = self.sample_phase(it, t, done)
@@ -478,6 +484,10 @@ class OnlineRun:
 
         out = []
         for n, r in enumerate(rows):
+            if "chosen_ids" in r:  # MCTS-DPO step pairs: prompt + taken steps, and the two continuations
+                p_ids, resp = r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]]
+                out.append(TokenizedExample(p_ids, resp, source="online", line=r["prompt"] + 1, index=n))
+                continue
             if "from_iteration" in r:
                 g = self._samples_of(r["from_iteration"])
             else:

@@ -42,6 +42,10 @@ class Task:
     judge: Callable[..., Judgement]
     topics: tuple[str, ...] = ()  # every topic of the train and held-out prompts
     constraint: Callable[[Prompt], Any] | None = None  # the per-prompt requirement the judge checks
+    # Step-level tasks (``arithmetic``): the reference worked solution of a prompt (the hint of MCTS-DPO's
+    # self-evaluation prompt) and a check of a partial answer's steps (+1 all right, −1 one wrong, 0 none).
+    solution: Callable[[Prompt], str] | None = None
+    step_score: Callable[[Prompt, str], float] | None = None
 
     def topic_of(self, prompt: Prompt | str) -> str | None:
         """The first of ``topics`` that the prompt's text mentions (None when none does)."""
@@ -66,7 +70,7 @@ def register(task: Task) -> Task:
 
 
 def _load_builtins() -> None:
-    from preftune.tasks import two_sentences, word_limit  # noqa: F401  (each registers itself)
+    from preftune.tasks import arithmetic, two_sentences, word_limit  # noqa: F401  (each registers itself)
 
 
 def get_task(name: str) -> Task:
