@@ -112,6 +112,15 @@ def repeats(text: str) -> bool:
     return repeated_line(text) or repeated_phrase(text)
 
 
+def lone_list_item(text: str) -> bool:
+    """The answer opens a list ("1. ", "- ", …) but holds a single item: "1. Sleep is essential." A
+    format habit that DPO iterates can spread (on word_limit from 20% of π_0's answers to 75%,
+    docs/online.md) and that no length or repetition measure sees."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return bool(lines) and _LIST_MARKER.match(lines[0]) is not None and \
+        sum(_LIST_MARKER.match(ln) is not None for ln in lines) == 1
+
+
 def repetition_rate(texts: Iterable[str]) -> Rate:
     """Share of answers that ``repeats``, with its Wilson 95% interval."""
     flags = [repeats(t) for t in texts]

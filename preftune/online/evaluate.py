@@ -39,7 +39,7 @@ def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int, answers=
     """The figures of π_t on the held-out prompts, from ``answers`` (``heldout_generations``; sampled here
     when not given), and ``heldout.jsonl``."""
     from preftune.eval.policy_eval import mean_se, wilson
-    from preftune.eval.quality import distinct_n, repeats
+    from preftune.eval.quality import distinct_n, lone_list_item, repeats
     from preftune.tasks import word_count
 
     policy, task = run.policy, run.task
@@ -100,7 +100,8 @@ def evaluate_policy(run, folder: Path, prev_state: dict | None, t: int, answers=
         fo = mean_se(ok)
         ev.update(fluency_nll_success=fo.value, fluency_nll_success_se=fo.se)
     rep = wilson(sum(repeats(x) for x in texts), len(texts))
-    ev.update(repeat_rate=rep.value, repeat_low=rep.low, repeat_high=rep.high)
+    ev.update(repeat_rate=rep.value, repeat_low=rep.low, repeat_high=rep.high,
+              lone_list_rate=sum(lone_list_item(x) for x in texts) / len(texts))
     rows = _rows(gens, js, "sampled")
     for r, x in zip(rows, per, strict=True):
         r["nll_base"] = x

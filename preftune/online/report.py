@@ -137,6 +137,10 @@ def write_report(out: Path, cfg, base: dict, rows: list[dict], log=print) -> Pat
                   "Fluency within 10% (NLL ≤ 1.1 × π_0's), distinct-2 ≥ 0.9 × π_0's, repeating answers at most "
                   "10 points more than π_0's (`preftune.eval.quality.within_tolerance`):", "",
                   *criteria(base, last), ""]
+        if base.get("lone_list_rate") is not None and last.get("lone_list_rate") is not None:
+            lines += [f"Format habit (not a check): answers that open a list with a single item ("
+                      f"\"1. Sleep is essential.\") {100 * base['lone_list_rate']:.1f}% → "
+                      f"{100 * last['lone_list_rate']:.1f}%.", ""]
     if cfg.plot and rows:
         p = plot(out, base, rows)
         if p:

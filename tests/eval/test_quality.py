@@ -10,6 +10,7 @@ from preftune.eval.quality import (
     distinct_n,
     evaluate_quality,
     fluency_nll,
+    lone_list_item,
     repeated_line,
     repeated_phrase,
     repeats,
@@ -81,6 +82,20 @@ def test_line_and_phrase_rules_separately():
     two = "- Unusual\n- Unusual"
     assert repeated_line(two) and not repeated_phrase(two)  # "unusual unusual": 2 words only
     assert repeated_phrase(LIKE_TEA) and not repeated_line(LIKE_TEA)  # one line
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("1. Sleep is essential for health.", True),
+    ("- Tea is calming.\n", True),
+    ("1. Tea is calming.\nIt is also cheap.", True),  # one item, then prose
+    ("1. Tea.\n2. Coffee.", False),  # a real list
+    ("Tea is calming.", False),
+    ("Tea is calming.\n1. It is cheap.", False),  # does not open with the marker
+    ("", False),
+    ("1.5 litres of tea.", False),  # a number, not a marker
+])
+def test_lone_list_item(text, want):
+    assert lone_list_item(text) is want
 
 
 def test_repetition_rate_is_a_wilson_rate():

@@ -134,6 +134,7 @@ def test_fluency_tie_break_picks_the_most_natural_best_and_reuses_its_reference(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from preftune.eval.quality import lone_list_item
     from preftune.model.reference import ReferenceCache
     from preftune.model.scoring import response_token_logps
 
@@ -172,6 +173,8 @@ def test_fluency_tie_break_picks_the_most_natural_best_and_reuses_its_reference(
         held = [json.loads(x) for x in path.read_text().splitlines() if '"sampled"' in x]
         nll = [r["nll_base"] for r in held if r["nll_base"] is not None]
         assert ev["fluency_nll"] == pytest.approx(sum(nll) / len(nll), rel=1e-9)
+        stubs = [lone_list_item(r["response"]) for r in held]
+        assert ev["lone_list_rate"] == pytest.approx(sum(stubs) / len(stubs))
         ok = [r["nll_base"] for r in held if r["success"] and r["nll_base"] is not None]
         assert ("fluency_nll_success" in ev) == bool(ok)
         if ok:
@@ -256,5 +259,5 @@ def test_demo_quick_runs_the_iterative_recipe(tmp_path):
     assert "held-out success (sampled)" in res.output
     settings = json.loads((out / "online_config.json").read_text())
     assert (settings["algorithm"], settings["loss"], settings["tie_break"], settings["ref_mode"]) == (
-        "iterative_dpo", "dpo_nll", "fluency", "fixed")
+        "iterative_dpo", "dpo_nll", "fluency_sampled", "fixed")
     assert all("fluency" in json.loads(x) for x in (out / "iter_01" / "judgements.jsonl").read_text().splitlines())
