@@ -44,6 +44,8 @@ _SHAPES = {
     "that does not average gradients across processes",
     "stages": "--algorithm {alg} (one trainer run per curriculum stage, the reference recomputed on the "
     "in-memory model before each) is not tested under several processes",
+    "tree": "--algorithm {alg} grows each prompt's search tree step by step on one process (online/mcts.py); "
+    "the searches are not shared out between processes",
 }
 
 

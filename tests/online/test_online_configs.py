@@ -53,3 +53,15 @@ def test_heldout_decoding_is_the_same_for_every_algorithm(algorithm):
     assert calls == [(2, 1, 0.8, 0.95), (1, 1, 0.0, 1.0)]
     assert cfg.resolved("temperature") == \
         {"sppo": 0.7, "online_dpo": 1.0, "iterative_dpo": 0.8}[algorithm]
+
+
+@pytest.mark.parametrize(("algorithm", "refused"), [("iterative_dpo", False), ("sppo", False), ("online_dpo", True),
+                                                    ("ofs_dpo", True), ("curry_dpo", True), ("mcts_dpo", True)])
+def test_algorithms_refused_under_several_processes(algorithm, refused):
+    from preftune.online.processes import refusals
+
+    cfg = OnlineConfig(algorithm=algorithm, model="tiny")
+    assert refusals(cfg, 1) == []
+    why = refusals(cfg, 2)
+    assert bool(why) is refused
+    assert all(algorithm in w and "run it as one process" in w for w in why)
