@@ -114,7 +114,7 @@ def repeats(text: str) -> bool:
 
 def lone_list_item(text: str) -> bool:
     """The answer opens a list ("1. ", "- ", …) but holds a single item: "1. Sleep is essential." A
-    format habit that DPO iterates can spread (on word_limit from 20% of π_0's answers to 75%,
+    format habit that DPO iterates can spread (on word_limit from 13% of π_0's answers to 66%,
     docs/online.md) and that no length or repetition measure sees."""
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return bool(lines) and _LIST_MARKER.match(lines[0]) is not None and \
