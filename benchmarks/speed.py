@@ -26,7 +26,10 @@ log-probs precomputed before training), ``trl_precompute_bf16``, ``preftune_fp32
 recomputed in backward, so they trade about one extra forward for memory), ``..._compile`` (the same with
 ``compile``: every decoder layer through torch.compile; its one-off compile falls in the warm-up steps),
 ``..._eager`` (the policy loaded with ``attn_implementation="eager"``, so that inductor compiles the
-attention math too; TRL keeps transformers' default, sdpa),
+attention math too; TRL keeps transformers' default, sdpa), ``..._mbNN`` (with compile: activation memory
+budget NN/100, the share of each compiled layer's activations kept for backward, the rest recomputed),
+``preftune_fp32_auto`` and ``preftune_bf16_auto`` (``engine: auto``, the default: what it chooses on this
+machine is in each row's ``engine`` field),
 ``trl_lora_precompute``
 and ``preftune_lora`` (LoRA r=16 on all linear layers, float32). Reference precomputation is not
 counted in the step time of either trainer.
@@ -61,6 +64,8 @@ CONFIGS = [
     "preftune_bf16_compile",
     "preftune_bf16_ckpt_compile",
     "preftune_bf16_compile_eager",
+    "preftune_fp32_auto",
+    "preftune_bf16_auto",
 ]
 LORA_CONFIGS = ["trl_lora_precompute", "preftune_lora"]
 LORA_R, LORA_ALPHA = 16, 32
@@ -162,7 +167,7 @@ def run_preftune(job: dict) -> dict:
     from accelerate import Accelerator
 
     from preftune.data.tokenize import TokenizedExample
-    from preftune.train import loop
+    from preftune.train import engine_choice, loop
     from preftune.train.config import TrainConfig
     from preftune.train.data_prep import TokenizedSet
 
@@ -172,6 +177,8 @@ def run_preftune(job: dict) -> dict:
         TokenizedExample(r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]], index=i) for i, r in enumerate(rows)
     ]
     cfg_name = job["config"]
+    auto = "_auto" in cfg_name
+    budget = next((int(p[2:]) / 100 for p in cfg_name.split("_") if p.startswith("mb") and p[2:].isdigit()), None)
     cfg = TrainConfig(
         model=job["model"],
         loss="dpo",
@@ -193,11 +200,15 @@ def run_preftune(job: dict) -> dict:
         save_model=False,
         prefix_sharing=job.get("prefix_sharing", "auto"),
         gradient_checkpointing="_ckpt" in cfg_name,
-        compile="_compile" in cfg_name,
+        engine="auto" if auto else "plain",
+        compile=None if auto else "_compile" in cfg_name,
+        activation_memory_budget=budget,
         logits_chunk=job.get("logits_chunk", 1024),
     )
     obj = cfg.objective()
     acc = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", cpu=True)
+    # As `preftune train` does: the engine options unset in cfg are filled by the engine choice (auto).
+    cfg, choice = engine_choice.resolve(cfg, model, acc, model_passed=False)
     policy, ref_model = loop.setup_models(cfg, model)
     forward = loop.PolicyForward(cfg, obj, obj.resolve(cfg.loss_hyperparameters()), policy, ref_model, tok)
     runner = loop.Runner(cfg, forward, acc, tok, TokenizedSet(examples, "bench"), None)
@@ -215,6 +226,7 @@ def run_preftune(job: dict) -> dict:
         "logps_chosen0": first.get("logps/chosen"),
         "logps_rejected0": first.get("logps/rejected"),
         "prefix_sharing": runner.base_engine.prefix_sharing_reason,
+        "engine": choice.describe(),
     }
 
 
@@ -306,6 +318,7 @@ def summarise(job: dict, res: dict, n_params: int, rates: dict) -> dict:
         "logps_chosen0": res.get("logps_chosen0"),
         "logps_rejected0": res.get("logps_rejected0"),
         "prefix_sharing": res.get("prefix_sharing"),
+        "engine": res.get("engine"),
     }
 
 
@@ -328,7 +341,7 @@ def table(rows: list[dict]) -> str:
             "preftune_fp32": "trl_precompute",
             "preftune_bf16": "trl_precompute_bf16",
             "preftune_lora": "trl_lora_precompute",
-        }.get(r["config"].replace("_ckpt", "").replace("_compile", "").replace("_eager", ""))
+        }.get("_".join(r["config"].split("_")[:2]))
         vs_same = f"{trl[same]['step_s'] / r['step_s']:.2f}x" if same in trl else ""
         vs_best = (
             f"{trl['trl_precompute_bf16']['step_s'] / r['step_s']:.2f}x, "

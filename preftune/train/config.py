@@ -134,16 +134,32 @@ class TrainConfig(RunConfig):
         description="keep only each decoder layer's input and recompute the layer in backward (transformers' "
         "activation checkpointing, non-reentrant): far less activation memory for about one extra forward",
     )
+    engine: Literal["auto", "plain"] = Field(
+        "auto",
+        description="auto: compile, attention implementation and activation_memory_budget chosen for this device, "
+        "precision and model from measurements (the choice and its reason are logged; docs/benchmarks.md); plain: "
+        "exactly the options below. Both compute the same step; an option set explicitly always wins",
+    )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None,
-        description="transformers attention implementation for the policy (default: transformers' choice, "
-        "sdpa); with compile on CPU, eager lets inductor fuse the attention math (faster, more memory)",
+        description="transformers attention implementation for the policy (unset: the engine choice, else "
+        "transformers' default, sdpa); with compile on CPU, eager lets inductor fuse the attention math",
     )
-    compile: bool = Field(
-        False,
+    compile: bool | None = Field(
+        None,
         description="torch.compile each decoder layer (inductor fuses the norm, rotary, activation and residual "
         "element-wise work; one compile of ~10 s per new shape class, then reused by every layer) and the LM "
-        "head's log-softmax and its gradient (one pass over each logits chunk instead of 4-6)",
+        "head's log-softmax and its gradient (one pass over each logits chunk instead of 4-6); unset: the engine "
+        "choice (engine=plain: off)",
+    )
+    activation_memory_budget: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="with compile: share of a compiled layer's activations kept for backward; AOTAutograd's "
+        "partitioner recomputes the rest in backward, cheapest FLOPs per byte first (attention probabilities, "
+        "norms, casts, then projections). 1 = keep all it would (torch's default), lower = less memory for a "
+        "little recompute; the same ops run again, so the numbers do not change. Unset: the engine choice",
     )
     checkpoint_every_n_layers: int = Field(
         1, ge=1, description="with gradient_checkpointing: recompute only every n-th decoder layer (memory/speed dial)"

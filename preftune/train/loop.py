@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import functools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -39,7 +40,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def setup_models(cfg: TrainConfig, model):
     """(policy, frozen reference or None). LoRA needs no reference copy: its reference is the base
-    model with the adapter disabled. Full fine-tuning keeps a frozen copy only for a live reference."""
+    model with the adapter disabled. Full fine-tuning keeps a frozen copy only for a live reference.
+    The engine options (``compile``, ``attn_implementation``, ``activation_memory_budget``) are taken as
+    they are in ``cfg``: ``engine_choice.resolve`` fills the unset ones first."""
     if cfg.disable_dropout:
         disable_dropout(model)
     ref = None
@@ -56,12 +59,22 @@ def setup_models(cfg: TrainConfig, model):
 
         # The copy is taken before checkpointing and compiling, which are for the policy only.
         ref = frozen_reference_copy(model)
+    _set_attention(cfg, model)
     return _compiled(cfg, _checkpointed(cfg, model)), ref
+
+
+def _set_attention(cfg: TrainConfig, model) -> None:
+    """Switch the policy to ``cfg.attn_implementation`` when it was loaded with another one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if cfg.attn_implementation is not None and base.config._attn_implementation != cfg.attn_implementation:
+        base.set_attn_implementation(cfg.attn_implementation)
 
 
 def _compiled(cfg: TrainConfig, model):
     """Compile every decoder layer in place. Layers, not the whole model: the backbone's mask and cache
-    code would break the graph, while the layers are identical, so one compiled graph serves all of them."""
+    code would break the graph, while the layers are identical, so one compiled graph serves all of them.
+    With ``activation_memory_budget`` the layers compile through ``_budget_backend``: inductor with the
+    partitioner's budget set while it splits each layer's graph into forward and backward."""
     if not cfg.compile:
         return model
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -69,9 +82,25 @@ def _compiled(cfg: TrainConfig, model):
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         raise ValueError(f"compile: found no decoder layers in {type(model).__name__}")
+    budget = cfg.activation_memory_budget
     for layer in layers:
-        layer.compile()
+        layer.compile(**({} if budget is None else {"backend": _budget_backend(budget)}))
     return model
+
+
+@functools.cache
+def _budget_backend(budget: float):
+    """Inductor, partitioning under ``activation_memory_budget``. One backend object per budget: dynamo reuses
+    a compiled layer only under the backend it was compiled with, so runs with different budgets in one
+    process (and the layers of one run, sharing a graph) each get the partition they asked for."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compile_fx(gm, example_inputs)
+
+    return backend
 
 
 def _checkpointed(cfg: TrainConfig, model):

@@ -36,7 +36,7 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
     ``ref_cache``: the training examples' reference log-probs, already computed by the caller (the online
     loop scores its samples under π_0, π_t or APO's extrapolation); with it nothing is precomputed.
     ``eval_ref_cache``: the same for the eval examples (a curriculum stage's refreshed reference)."""
-    from preftune.train import data_prep, loop
+    from preftune.train import data_prep, engine_choice, loop
 
     obj = cfg.objective()
     params = obj.resolve(cfg.loss_hyperparameters())
@@ -56,10 +56,12 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
     train_set, eval_set = data_prep.prepare(cfg, obj, tokenizer, train_examples, eval_examples, log=acc.print)
 
     # ---- model
+    model_passed = model is not None
     if model is None:
         from preftune.model import load_model
 
         model, _ = load_model(cfg.model, dtype="float32", attn_implementation=cfg.attn_implementation)
+    cfg, _ = engine_choice.resolve(cfg, model, acc, model_passed=model_passed)  # engine: auto | plain
     policy, ref_model = loop.setup_models(cfg, model)
 
     open_output(cfg, acc, "train_config.json")  # the first write
