@@ -150,3 +150,21 @@ def save_tiny_value_model(path: str | Path, seed: int = 0, **kwargs) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer(kwargs.get("vocab_size", 320)).save_pretrained(path)
     return path
+
+
+def online_run_killed_after(full_run: str | Path, dest: str | Path, done: tuple[str, ...], t: int = 2) -> Path:
+    """A copy of a finished ``preftune online`` run as if killed in iteration ``t`` after the phases ``done``:
+    the manifest lists only those, and the next phase's file and ``iterations.jsonl`` are half written (a
+    resume must trust neither)."""
+    import json
+    import shutil
+
+    dest = Path(dest)
+    shutil.copytree(full_run, dest)
+    it = dest / f"iter_{t:02d}"
+    m = json.loads((it / "manifest.json").read_text())
+    m["phases"] = {k: v for k, v in m["phases"].items() if k in done}
+    (it / "manifest.json").write_text(json.dumps(m))
+    (it / ("train_input.jsonl" if "build" not in done else "heldout.jsonl")).write_text('{"half": ')
+    (dest / "iterations.jsonl").write_text('{"iter/t": 1, "half')
+    return dest

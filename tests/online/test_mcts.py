@@ -4,7 +4,6 @@ the loop through the CLI (2 iterations, resume after a kill between phases)."""
 
 import json
 import math
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +12,7 @@ from preftune.cli import app
 from preftune.online.mcts import MCTS, Candidate, Node, SearchSettings, step_pairs, tree_from_rows, tree_to_rows
 from preftune.tasks import get_task
 from preftune.tasks.arithmetic import check_steps, final_answer, solution_of
+from preftune.testing import online_run_killed_after
 
 TASK = get_task("arithmetic")
 TWO = [{"role": "user", "content": "What is 7 + 5, then multiply by 2? Write each step as an equation on its own "
@@ -178,14 +178,6 @@ def test_two_iterations_through_the_cli(full_run):
 
 @pytest.mark.parametrize("done", [("sample",), ("sample", "judge"), ("sample", "judge", "build", "train")])
 def test_resume_after_kill_between_phases_gives_the_same_rows(tmp_path, full_run, done):
-    cut = tmp_path / "cut"
-    shutil.copytree(full_run, cut)
-    man = cut / "iter_02" / "manifest.json"
-    m = json.loads(man.read_text())
-    m["phases"] = {k: v for k, v in m["phases"].items() if k in done}
-    man.write_text(json.dumps(m))
-    half = "train_input.jsonl" if "build" not in done else "heldout.jsonl"
-    (cut / "iter_02" / half).write_text('{"half": ')
-    (cut / "iterations.jsonl").write_text('{"iter/t": 1, "half')
+    cut = online_run_killed_after(full_run, tmp_path / "cut", done)
     _run([*ARGS, "--output", str(cut), "--resume"])
     assert _rows(cut) == _rows(full_run)

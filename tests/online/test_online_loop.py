@@ -11,7 +11,7 @@ from preftune.cli import app
 from preftune.online.algorithms import names
 from preftune.tasks import Judgement, Task, register
 from preftune.tasks.base import _REGISTRY
-from preftune.testing import save_tiny_model
+from preftune.testing import online_run_killed_after, save_tiny_model
 
 TIME_KEYS = ("seconds", "gen_seconds", "judge_seconds", "train_seconds", "tokens/s", "step_time", "elapsed")
 
@@ -102,20 +102,9 @@ def full_sppo_run(tmp_path_factory, tiny_folder):
 
 @pytest.mark.parametrize("done", [("sample", "judge"), ("sample", "judge", "build", "train")])
 def test_resume_after_kill_between_phases_gives_the_same_rows(tmp_path, tiny_folder, full_sppo_run, done):
-    import shutil
-
     args = ["--algorithm", "sppo", "--model", tiny_folder, "--task", "tiny_letters", "--iterations", "2", *QUICK]
-    # The same run "killed" in iteration 2 after the phases `done`: the manifest lists only those, and the
-    # next phase's file is half written (a resume must not trust it).
-    cut = tmp_path / "cut"
-    shutil.copytree(full_sppo_run, cut)
-    man = cut / "iter_02" / "manifest.json"
-    m = json.loads(man.read_text())
-    m["phases"] = {k: v for k, v in m["phases"].items() if k in done}
-    man.write_text(json.dumps(m))
-    half = "train_input.jsonl" if "build" not in done else "heldout.jsonl"
-    (cut / "iter_02" / half).write_text('{"half": ')
-    (cut / "iterations.jsonl").write_text('{"iter/t": 1, "half')
+    # the same run "killed" in iteration 2 after the phases `done`
+    cut = online_run_killed_after(full_sppo_run, tmp_path / "cut", done)
     _run([*args, "--output", str(cut), "--resume"])
     assert _untimed(_rows(cut)) == _untimed(_rows(full_sppo_run))
 
