@@ -45,10 +45,11 @@ def launch(config: str | None, nproc: int, *args: str, module: bool = False, che
 
 
 def failure(proc) -> str:
-    """What went wrong in a launch: the workers' own tracebacks (torchrun prefixes them ``[rankN]:``), which
-    come before the launcher's, then the end of everything."""
-    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]
-    return "\n".join([f"exit {proc.returncode}", *ranks[-60:], "--- stderr tail:", proc.stderr[-2500:]])
+    """What went wrong in a launch: everything the workers wrote (torchrun prefixes their tracebacks ``[rankN]:``;
+    a worker killed by a signal in C++ code writes a bare line such as ``terminate called ...``), then the
+    launcher's own report."""
+    return "\n".join([f"exit {proc.returncode}", "--- stdout:", proc.stdout[-4000:], "--- stderr:",
+                      proc.stderr[-12000:]])
 
 
 def one_step(config: str | None, nproc: int, cfg: dict, result: Path, **spec) -> dict:
