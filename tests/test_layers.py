@@ -15,7 +15,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "preftune"
 # DESIGN.md's order, top (imports nothing of preftune's) to bottom (may import everything above).
 LAYERS = (
-    "losses", "rank", "tasks", "data", "model", "train", "reward", "eval", "online", "recipes", "cli",
+    "losses", "rank", "tasks", "data", "model", "train", "reward", "eval", "online", "recipes", "compare", "cli",
     "testing",
 )
 TOOLS = "tools"  # developer scripts (doc generation): may import any layer except testing

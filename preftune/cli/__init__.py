@@ -386,6 +386,79 @@ def judge_cmd(
 # ------------------------------------------------------------------------ end of reward, judge ---
 
 
+# ------------------------------------------------------------ compare (owner: preftune/compare) ---
+from preftune.compare.config import CompareConfig  # noqa: E402  (pydantic only: `preftune --help` stays fast)
+
+
+def _comparable() -> str:
+    from preftune.compare.config import comparable
+
+    return "(" + ", ".join(comparable()) + ")"
+
+
+@config_command(app, "compare", CompareConfig, ("output", "-o"), "resume", "objectives", "tasks", "seeds",
+                more_help={"objectives": _comparable})
+def compare_cmd(
+    config: str = recipe_argument("configs/compare/"),
+    set_: list[str] = set_option(CompareConfig),
+    *,
+    overrides: dict[str, Any],
+) -> None:
+    """Which objective should I use? Objectives × tasks × seeds at an equal budget (the same on-policy pairs),
+    compared on held-out prompts: table, trade-off plots, Bradley-Terry leaderboard."""
+    from preftune.compare.config import load_compare_config
+    from preftune.compare.grid import run_compare
+    from preftune.train.config import parse_set
+
+    with _user_errors():
+        cfg = load_compare_config(config, {**overrides, **parse_set(set_ or [])})
+        result = run_compare(cfg, log=typer.echo)
+    typer.echo(f"done: {result.output_dir / 'table.md'}; leaderboard {result.output_dir / 'leaderboard.md'}")
+
+
+# ------------------------------------------------------------------------------ end of compare ---
+
+
+# -------------------------------------------------------- inspect (owner: preftune/data/inspect) ---
+from preftune.data.inspect import InspectConfig  # noqa: E402  (pydantic only: `preftune --help` stays fast)
+
+
+@config_command(app, "inspect", InspectConfig, "data", "model", "reward_model", "tokenizer", ("output", "-o"),
+                "max_length", "max_prompt_length", "near_duplicate_threshold", "precision")
+def inspect_cmd(
+    set_: list[str] = set_option(InspectConfig),
+    *,
+    overrides: dict[str, Any],
+) -> None:
+    """Diagnose a preference data file before training: counts, length bias, duplicates, truncation,
+    and with a model the CHES score of every pair, with a reward model the reward margins."""
+    from preftune.data.inspect import inspect_data, render_markdown
+    from preftune.train.config import load_config, parse_set
+
+    with _user_errors():
+        cfg = load_config(None, {**overrides, **parse_set(set_ or [])}, model=InspectConfig)
+        model = tokenizer = reward_model = None
+        if cfg.model is not None:
+            from preftune.model import load_model
+
+            model, tokenizer = load_model(cfg.model, dtype="float32")
+        elif cfg.tokenizer_spec() is not None:
+            from preftune.model import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.tokenizer_spec())
+        if cfg.reward_model is not None:
+            from preftune.reward.model import load_preference_model
+
+            reward_model = load_preference_model(cfg.reward_model, device=cfg.device)
+        report = inspect_data(cfg, model=model, tokenizer=tokenizer, reward_model=reward_model,
+                              log=lambda m: typer.echo(m, err=True))
+    typer.echo(render_markdown(report))
+    typer.echo(f"written: {', '.join(report['files'])}", err=True)
+
+
+# ------------------------------------------------------------------------------ end of inspect ---
+
+
 def main() -> None:
     app()
 
