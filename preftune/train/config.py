@@ -175,6 +175,23 @@ class TrainConfig(RunConfig):
     # --- bookkeeping
     save_model: bool = Field(True, description="save the final model with save_pretrained")
 
+    # --- training dynamics (train/dynamics.py, docs/dynamics.md)
+    dynamics: bool = Field(
+        True,
+        description="log training dynamics (dynamics/* in metrics.jsonl) every dynamics_steps steps: the change "
+        "since step 0 of the log-probs of a fixed probe of training responses and of unseen responses sampled "
+        "from the initial policy, dL/dlogp of chosen and rejected, and the ratio of the gradient norms that flow "
+        "through them; off under FSDP2 and DeepSpeed",
+    )
+    dynamics_steps: int = Field(25, gt=0, description="measure dynamics every N optimizer steps (and at the last)")
+    dynamics_probe: int = Field(
+        8, ge=0, description="training examples in the fixed probe (the first N of the training data; 0: none)"
+    )
+    dynamics_unseen: int = Field(
+        8, ge=0, description="unseen responses sampled once from the initial policy, one per probe prompt (0: none)"
+    )
+    dynamics_unseen_tokens: int = Field(32, gt=0, description="at most this many tokens per unseen response")
+
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:

@@ -22,7 +22,7 @@ import torch
 from preftune.losses.base import LossOutput, PolicyStats
 from preftune.model.engine import LogProbEngine, live_reference_inputs, pack, policy_stats, reference_stats
 from preftune.train import checkpoint as ckpt
-from preftune.train import distributed
+from preftune.train import distributed, dynamics
 from preftune.train.config import TrainConfig
 from preftune.train.inputs import provide_inputs
 from preftune.train.outputs import MetricsLogger, plot_metrics
@@ -237,6 +237,7 @@ class Runner:
         self.world = acc.num_processes
         self.total, self.per_epoch = steps_for(cfg, len(train_set), self.world)
         self.step, self.history = 0, []
+        self.dynamics: dynamics.Dynamics | None = None  # set by run() (train/dynamics.py)
         self.out = cfg.output_dir
         self.ckpt_root = self.out / "checkpoints"
         self.clock = now()  # when the run started (run() restarts it; a resume carries the elapsed time on)
@@ -327,13 +328,18 @@ class Runner:
         # DeepSpeed steps inside backward, at the micro-batch accelerate marks as the last; the loss is
         # reduced here alone (not again by DeepSpeed's accumulation count).
         ds = {"scale_wrt_gas": False} if self.kind == "deepspeed" else {}
+        due = self.dynamics is not None and self.dynamics.due(self.step + 1)
+        grads = self.dynamics.gradients(self) if due else None
         for i, indices in enumerate(micro):
             sync = i == len(micro) - 1
             self.acc.sync_gradients = sync
             ctx = self.acc.no_sync(self.engine) if not sync else contextlib.nullcontext()
             stand_in = not indices
             with ctx, self.objective_state_kept() if stand_in else contextlib.nullcontext():
-                out = self.forward_loss(self.train_set, indices or [0], grad=True)
+                with grads.capture() if grads is not None else contextlib.nullcontext():
+                    out = self.forward_loss(self.train_set, indices or [0], grad=True)
+                if grads is not None:  # before the backward frees the graph
+                    grads.observe(sums, out, stand_in)
                 # Sum here, divide by the global example count: exact mean over the global batch.
                 loss = out.result.losses.sum() / n_global * self.world
                 self.acc.backward(loss * 0.0 if stand_in else loss, **ds)
@@ -347,6 +353,8 @@ class Runner:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         metrics = self.reduce(sums)
+        if due:
+            metrics = self.dynamics.finish_step(grads, metrics)
         step_time = now() - t0
         tok_total = float(self.acc.reduce(torch.tensor(float(tokens), device=self.acc.device), "sum"))
         metrics.update(grad_norm=grad_norm, lr=lr, step_time=step_time, **{"tokens/s": tok_total / step_time})
@@ -422,10 +430,13 @@ class Runner:
         self.clock = now() - (float(resumed.get("elapsed", 0.0)) if resumed else 0.0)
         logger = MetricsLogger(self.out, enabled=acc.is_main_process, resume_step=self.step if resumed else None)
         bar = _progress(self.total, self.step, enabled=cfg.progress and acc.is_main_process)
+        self.dynamics = dynamics.start(self, resumed=resumed is not None)
         try:
             while self.step < self.total:
                 metrics = self.train_step()
                 self.step += 1
+                if self.dynamics is not None and self.dynamics.due(self.step):
+                    metrics.update(self.dynamics.measure(self))
                 if cfg.eval_steps and self.eval_set is not None and self.step % cfg.eval_steps == 0:
                     metrics.update(self.evaluate())
                 if self.step % cfg.logging_steps == 0 or self.step == self.total:
