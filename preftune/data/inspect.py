@@ -571,7 +571,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     out += ["## Duplicates", "", f"Rule: {d['rule']}.", "",
             f"- exact duplicate pairs (extra copies): {d['exact_duplicate_pairs']}; groups (lines): "
             + ("; ".join(_lines(g) for g in d["exact_duplicate_groups"]) or "—"),
-            f"- identical pairs (chosen == rejected): {d['identical_pairs']}; "
+            f"- identical pairs (chosen == rejected; `preftune train` refuses them): {d['identical_pairs']}; "
             f"lines: {_lines(d['identical_pair_lines'])}",
             f"- near-duplicate pairs across records: {d['near_duplicate_pairs']}; "
             + ("; ".join(f"{a}~{b} ({_f(e['jaccard'])})" for e in d["near_duplicate_examples"]
