@@ -92,6 +92,15 @@ class TrainConfig(RunConfig):
         "sequential: one run over S1, S2, ... in that order, unshuffled, reference the initial model. "
         "Per-stage pairs, mean rating gap and initial accuracy in output/stages.jsonl",
     )
+    ches_filter: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="drop this fraction of the training pairs with the highest length-normalised CHES score under "
+        "the initial policy before training (Razin et al., arXiv 2410.08847: such pairs displace the chosen "
+        "likelihood; the paper keeps the lowest 5%, i.e. 0.95); the dropped pairs are listed in "
+        "output/ches_dropped.jsonl (docs/inspect.md)",
+    )
 
     # --- tokenisation
     max_length: int = Field(1024, gt=1, description="longest prompt + response in tokens")
@@ -234,6 +243,9 @@ class TrainConfig(RunConfig):
             raise ValueError("max_prompt_length must be smaller than max_length")
         if self.curriculum != "off":
             self._check_curriculum(obj)
+        if self.ches_filter is not None and (obj.shape != "paired" or obj.columns or self.curriculum != "off"):
+            raise ValueError(f"ches_filter scores (chosen, rejected) pairs: it needs a paired objective such as dpo "
+                             f"and curriculum=off, not '{obj.name}' ({obj.data_needs}), curriculum={self.curriculum}")
         return self
 
     def _check_curriculum(self, obj) -> None:

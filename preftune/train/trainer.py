@@ -61,10 +61,14 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
         from preftune.model import load_model
 
         model, _ = load_model(cfg.model, dtype="float32", attn_implementation=cfg.attn_implementation)
+    if cfg.ches_filter is not None:  # scored with the initial policy, before adapters or compilation
+        train_set, ches_dropped = ches_filter(cfg, model, tokenizer, train_set, acc, ref_cache)
     cfg, _ = engine_choice.resolve(cfg, model, acc, model_passed=model_passed)  # engine: auto | plain
     policy, ref_model = loop.setup_models(cfg, model)
 
     open_output(cfg, acc, "train_config.json")  # the first write
+    if cfg.ches_filter is not None and acc.is_main_process:
+        write_jsonl(cfg.output_dir / "ches_dropped.jsonl", ches_dropped)
     forward = loop.PolicyForward(cfg, obj, params, policy, ref_model, tokenizer)
     if ref_cache is not None:
         forward.ref_caches[train_set.name] = ref_cache
@@ -99,6 +103,38 @@ def run_to_end(runner) -> TrainResult:
     runner.run()
     model_dir = runner.save_final() if runner.cfg.save_model else None
     return TrainResult(runner.cfg.output_dir, model_dir, runner.step, runner.history, runner.base_engine.model)
+
+
+def ches_filter(cfg: TrainConfig, model, tokenizer, train_set, acc, ref_cache=None):
+    """``(train set without the cfg.ches_filter fraction of highest length-normalised CHES pairs, rows of the
+    dropped)`` (data/ches.py; Razin et al. 2024, Section 6). Indices in the rows are positions in the
+    unfiltered training set; the kept pairs are re-indexed from 0."""
+    from preftune.data.ches import ches_scores, top_fraction
+    from preftune.train.data_prep import TokenizedSet
+
+    if ref_cache is not None:
+        raise ValueError("ches_filter drops training pairs, which a reference cache passed in is indexed by")
+    examples, home = train_set.examples, next(model.parameters()).device
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    scores = ches_scores(model.to(acc.device), examples, pad_id=pad, batch_size=cfg.batch_size, device=acc.device,
+                         precision=cfg.precision, progress=cfg.progress and acc.is_main_process)
+    model.to(home)  # the run places (or shards) the model itself
+    drop = top_fraction(scores.normalised, cfg.ches_filter)
+    rows = [{"index": i, "source": examples[i].source, "line": examples[i].line, "ches_ln": scores.normalised[i],
+             "ches": scores.raw[i]} for i in drop]
+    gone = set(drop)
+    kept = [e for i, e in enumerate(examples) if i not in gone]
+    for i, e in enumerate(kept):
+        e.index = i
+    acc.print(f"ches_filter={cfg.ches_filter}: dropped {len(drop)} of {len(examples)} training pairs (highest "
+              f"length-normalised CHES under the initial policy), {len(kept)} kept; list in ches_dropped.jsonl")
+    return TokenizedSet(kept, train_set.name), rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
 
 
 def start_run(cfg):
