@@ -95,7 +95,8 @@ def test_ches_filter_drops_the_top_pairs(tiny_model_dir, pairs_file, tmp_path):
                       ref_cache_dir=str(tmp_path / "rc"), max_length=64, max_prompt_length=32)
     model, tok = load_model(tiny_model_dir)
     examples = tokenize_examples(to_pairs(load_records(pairs_file)), tok, max_length=64, max_prompt_length=32)
-    scores = ches_scores(model, examples, pad_id=tok.pad_token_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where training will score them
+    scores = ches_scores(model.to(device), examples, pad_id=tok.pad_token_id, device=device)
     expected = sorted(range(16), key=lambda i: -scores.normalised[i])[:4]
 
     result = train(cfg)

@@ -188,7 +188,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, tiny_rm_dir):
     out = tmp_path / "report"
     res = CliRunner().invoke(app, ["inspect", str(data), "--model", str(tiny_model_dir), "--reward-model",
                                    str(tiny_rm_dir), "-o", str(out), "--max-length", "48", "--max-prompt-length",
-                                   "16", "--set", "progress=false"])
+                                   "16", "--set", "progress=false", "--set", "device=cpu"])
     assert res.exit_code == 0, res.output
     assert "# preftune inspect" in res.output and "## CHES" in res.output and "## Reward model" in res.output
     report = json.loads((out / "inspect.json").read_text())
