@@ -84,7 +84,8 @@ def write_leaderboard(cfg: CompareConfig, root: Path, log=print) -> list[Path]:
         f"Systems: the grid's objectives and π_0 ('{BASE}'). {len(rows)} per-prompt comparisons within each "
         f"(task, seed): for each held-out prompt, the mean judge score of two systems' sampled answers "
         f"({counts['tie']} ties, {len(rows) - counts['tie']} decided). Fitted from pairwise.jsonl "
-        f"(`preftune rank {path} --method davidson --l2 {cfg.rank_l2:g}` gives the same table).", ""]
+        f"(`preftune rank {path} --method davidson --l2 {cfg.rank_l2:g} --bootstrap {cfg.rank_bootstrap}` gives the "
+        "same table).", ""]
     intro += [f"Warning: {n}" for n in notes] + ([""] if notes else [])
     md, js, png = root / "leaderboard.md", root / "leaderboard.json", root / "leaderboard.png"
     text = to_markdown(board)

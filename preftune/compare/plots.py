@@ -28,7 +28,7 @@ def write_plots(rows: list[dict], root: Path) -> list[Path]:
     colours = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
     written = []
     for name, (key, xlabel) in PLOTS.items():
-        fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)) + 2.2, 4.2), squeeze=False)
         for ax, task in zip(axes[0], tasks, strict=False):
             for i, variant in enumerate([BASE, *variants]):
                 pts = [r for r in rows if r["task"] == task and r["variant"] == variant
@@ -48,7 +48,8 @@ def write_plots(rows: list[dict], root: Path) -> list[Path]:
             ax.set_title(task)
             ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # tiny KLs (a few 1e-3) otherwise crowd the axis
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=8, loc="best")
+        # outside the axes: with several objectives a legend inside covers points
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         path = root / name
         tmp = path.with_name(f".{path.stem}.tmp.png")

@@ -17,12 +17,12 @@ from preftune.online.store import IterationDir
 BASE = "base"  # π_0's row (and leaderboard system): the model before training
 # Columns of table.csv / table.json rows, in order.
 COLUMNS = ("kind", "task", "seed", "objective", "variant", "beta", "learning_rate", "success", "success_low",
-           "success_high", "n", "success_delta", "judge_score", "kl", "kl_se", "len_words", "len_tokens",
-           "eos_rate", "fluency_nll", "greedy_success", "pairs", "steps", "train_seconds", "eval_seconds",
+           "success_high", "n", "success_delta", "winrate_base", "judge_score", "kl", "kl_se", "len_words",
+           "len_tokens", "eos_rate", "fluency_nll", "greedy_success", "pairs", "steps", "train_seconds", "eval_seconds",
            "wall_seconds", "seeds")
 # Held-out figures averaged over seeds in the means rows.
-MEAN_KEYS = ("success_delta", "judge_score", "kl", "len_words", "len_tokens", "eos_rate", "fluency_nll",
-             "greedy_success", "pairs", "steps", "train_seconds", "eval_seconds", "wall_seconds")
+MEAN_KEYS = ("success_delta", "winrate_base", "judge_score", "kl", "len_words", "len_tokens", "eos_rate",
+             "fluency_nll", "greedy_success", "pairs", "steps", "train_seconds", "eval_seconds", "wall_seconds")
 
 
 def _figures(ev: dict) -> dict:
@@ -30,7 +30,8 @@ def _figures(ev: dict) -> dict:
             "success_high": ev.get("success_high"), "n": ev.get("n"), "judge_score": ev.get("task_score"),
             "kl": ev.get("kl_ref"), "kl_se": ev.get("kl_ref_se"), "len_words": ev.get("len_words"),
             "len_tokens": ev.get("len_tokens"), "eos_rate": ev.get("eos_rate"),
-            "fluency_nll": ev.get("fluency_nll"), "greedy_success": ev.get("greedy_success")}
+            "fluency_nll": ev.get("fluency_nll"), "greedy_success": ev.get("greedy_success"),
+            "winrate_base": ev.get("winrate_init")}
 
 
 def cell_row(cell: Cell, folder: Path, base: dict) -> dict | None:
@@ -124,7 +125,8 @@ def _num(v, digits=2, signed=False) -> str:
     return f"{v:{'+' if signed else ''}.{digits}f}" if _finite(v) else "–"
 
 
-MD_HEAD = ("| task | seed | objective | beta | lr | success % (95% CI) | Δ vs π_0 (pts) | judge score | KL to π_0 | "
+MD_HEAD = ("| task | seed | objective | beta | lr | success % (95% CI) | Δ vs π_0 (pts) | win % vs π_0 | judge score | "
+           "KL to π_0 | "
            "words | tokens | EOS % | fluency NLL | greedy % | pairs | steps | train s | wall s |")
 
 
@@ -138,6 +140,7 @@ def _md_row(r: dict) -> str:
             f"{_lr(r.get('learning_rate'))} | "
             f"{_pct(r['success'], r['success_low'], r['success_high'])} | "
             f"{_num(100 * r['success_delta'], 1, True) if _finite(r.get('success_delta')) else '–'} | "
+            f"{_pct(r.get('winrate_base'))} | "
             f"{_num(r.get('judge_score'), 3)} | {_num(r.get('kl'))} | {_num(r.get('len_words'), 1)} | "
             f"{_num(r.get('len_tokens'), 1)} | {_pct(r.get('eos_rate'))} | {_num(r.get('fluency_nll'), 3)} | "
             f"{_pct(r.get('greedy_success'))} | {_num(r.get('pairs'), 0)} | {_num(r.get('steps'), 0)} | "
@@ -161,6 +164,9 @@ def verdict(means: list[dict]) -> list[str]:
                 f"KL {_num(best['kl'])})")
         text += (f"; not separable from it at this size (intervals overlap): {', '.join(close)}" if close else
                  "; its interval is clear of every other objective's")
+        base = next((r for r in means if r["task"] == task and r["variant"] == BASE), None)
+        if base is not None and _finite(base["success_high"]) and base["success_high"] >= best["success_low"]:
+            text += f"; nor from π_0 ({_pct(base['success'], base['success_low'], base['success_high'])}%)"
         lines.append(text + ".")
     return lines
 
@@ -179,7 +185,9 @@ def to_markdown(cfg: CompareConfig, rows: list[dict], means: list[dict]) -> str:
         means, key=lambda r: (r["task"], r["variant"] != BASE, -(r["success"] or 0.0)))]
     parts += ["", "## Cells", "", MD_HEAD, sep, *[_md_row(r) for r in rows], "",
               "success: share of sampled held-out answers the task's judge accepts (95% Wilson interval); Δ: "
-              "against π_0 on the same prompts and sampling seed; judge score: mean task score; KL to π_0: mean "
+              "against π_0 on the same prompts and sampling seed; win % vs π_0: share of answers the judge scores "
+              "above π_0's answer to the same prompt and sample seed, ties ½; judge score: mean task score; KL to "
+              "π_0: mean "
               "over the sampled answers of log π(y) − log π_0(y); words/tokens: mean answer length; EOS: share of "
               "answers that ended before max_new_tokens; fluency NLL: mean per-token NLL of the answers' text "
               "under π_0 (lower reads more natural); greedy: success of the greedy answers; train s / wall s: the "
