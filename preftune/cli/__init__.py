@@ -407,12 +407,16 @@ def compare_cmd(
     """Which objective should I use? Objectives × tasks × seeds at an equal budget (the same on-policy pairs),
     compared on held-out prompts: table, trade-off plots, Bradley-Terry leaderboard."""
     from preftune.compare.config import load_compare_config
-    from preftune.compare.grid import run_compare
+    from preftune.compare.grid import CellsFailed, run_compare
     from preftune.train.config import parse_set
 
     with _user_errors():
         cfg = load_compare_config(config, {**overrides, **parse_set(set_ or [])})
-        result = run_compare(cfg, log=typer.echo)
+        try:
+            result = run_compare(cfg, log=typer.echo)
+        except CellsFailed as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
     typer.echo(f"done: {result.output_dir / 'table.md'}; leaderboard {result.output_dir / 'leaderboard.md'}")
 
 

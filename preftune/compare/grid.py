@@ -11,9 +11,11 @@ finished phase.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +33,10 @@ SHARED_FILES = ("samples.jsonl", "judgements.jsonl", "train_input.jsonl", "refer
 # Online settings that may differ between the cells of a group; everything else must match for their
 # samples to be shared.
 CELL_OWN = ("loss", "loss_params", "beta", "learning_rate", "output", "resume", "progress", "plot", "threads")
+
+
+class CellsFailed(RuntimeError):
+    """Some cells raised; the grid ran the others and wrote its table and leaderboard from them."""
 
 
 @dataclass
@@ -170,21 +176,33 @@ def run_compare(cfg: CompareConfig, log=print) -> CompareResult:
         f"{len(cfg.seeds)} seeds{' × sweep' if cfg.sweep else ''}), {len(cells) - len(todo)} finished earlier; "
         f"output {out}")
     durations: list[float] = []
+    failed: list[str] = []
     for n, cell in enumerate(cells, start=1):
         head = f"[compare] cell {n}/{len(cells)} {cell.label}"
         if cell not in todo:
             log(f"{head}: finished earlier, skipped")
             continue
-        log(f"{head}: start{_eta(durations, len(todo) - len(durations))}")
+        log(f"{head}: start{_eta(durations, len(todo) - len(durations) - len(failed))}")
         t0 = time.perf_counter()
-        source = run_cell(cfg, cell, out)
+        try:
+            source = run_cell(cfg, cell, out)
+        except Exception as e:  # one objective failing (e.g. diverging) must not cost the rest of the grid
+            failed.append(cell.label)
+            _CellLog(cell.folder(out) / "cell.log")(traceback.format_exc())
+            log(f"{head}: FAILED ({type(e).__name__}: {e}); traceback in {cell.folder(out) / 'cell.log'}")
+            continue
+        finally:
+            gc.collect()  # the cell's model and optimizer, before the next cell loads its own
         durations.append(time.perf_counter() - t0)
         shared = f" (samples and pairs from {source})" if source else " (sampled and judged π_0 for its group)"
         log(f"{head}: done in {durations[-1]:.0f} s{shared}{_figures(cell.folder(out))}"
-            f"{_eta(durations, len(todo) - len(durations))}")
+            f"{_eta(durations, len(todo) - len(durations) - len(failed))}")
     rows = collect_rows(cfg, out)
     files = write_tables(cfg, rows, out)
     files += write_plots(rows, out)
     files += write_leaderboard(cfg, out, log=log)
     log("[compare] wrote " + ", ".join(str(p) for p in files))
+    if failed:
+        raise CellsFailed(f"{len(failed)} cell{'s' if len(failed) > 1 else ''} failed ({', '.join(failed)}); the "
+                           "table and leaderboard hold the others. Fix the cause and rerun with --resume")
     return CompareResult(out, rows, files)

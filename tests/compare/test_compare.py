@@ -148,6 +148,29 @@ def test_killed_grid_resumes_and_finishes(grid, tmp_path, kill):
     assert _untimed(new) == _untimed(old)
 
 
+def test_a_failing_cell_leaves_the_others(grid, tmp_path, monkeypatch):
+    import preftune.online.loop as loop
+
+    cfg_path, out, _ = grid
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(_cell(copy, "simpo"))
+    real = loop.run_online
+
+    def flaky(cfg, log=print):
+        if cfg.loss == "simpo":
+            raise FloatingPointError("loss is NaN")
+        return real(cfg, log=log)
+
+    monkeypatch.setattr(loop, "run_online", flaky)
+    log = _compare(cfg_path, "--output", copy, "--resume", code=1)
+    assert "simpo: FAILED (FloatingPointError: loss is NaN)" in log
+    assert "1 cell failed (compare_letters/0/simpo)" in log and "--resume" in log
+    assert "FloatingPointError" in (_cell(copy, "simpo") / "cell.log").read_text()
+    rows = json.loads((copy / "table.json").read_text())["cells"]
+    assert [r["variant"] for r in rows] == ["base", "dpo"]  # the table holds the cells that finished
+
+
 def _heldout(path: Path, scores: dict[int, list[float]]) -> None:
     rows = [{"kind": "sampled", "prompt": p, "k": k, "score": s} for p, ss in scores.items()
             for k, s in enumerate(ss)]
