@@ -173,7 +173,12 @@ def train_cmd(
 
     with _user_errors():
         cfg = load_config(config, {**overrides, **parse_set(set_ or [])})
-        result = train(cfg)
+        if cfg.margin_models:  # MODPO's margin models score the data first (reward layer)
+            from preftune.reward.margins import train_with_margins
+
+            result = train_with_margins(cfg)
+        else:
+            result = train(cfg)
     if _is_main_process():
         typer.echo(
             f"done: {result.steps} steps; metrics in {result.output_dir / 'metrics.jsonl'}"

@@ -50,6 +50,8 @@ def _input_tensor(name: str, values: list[Any], k: int, valid: list[list[bool]])
     flat = [x for v in values for x in v]
     dtype = torch.bool if flat and all(isinstance(x, bool) for x in flat) else torch.float32
     pad = False if dtype == torch.bool else 0.0
+    if flat and isinstance(flat[0], list):  # a list per response (MODPO's margin_rewards): (B, K, n)
+        pad = [0.0] * len(flat[0])
     rows = [list(v) + [pad] * (k - len(v)) for v in values]
     for name_row, v in zip(valid, values, strict=True):
         if len(v) != sum(name_row):

@@ -129,6 +129,8 @@ def _select(record: PreferenceRecord, idx: list[int]) -> Example:
         inputs["scores"] = [float(record.scores[i]) for i in idx]
     if record.labels is not None:
         inputs["labels"] = [bool(record.labels[i]) for i in idx]
+    if record.margin_rewards is not None:  # (K, n−1) per example → (B, K, n−1) after collation
+        inputs["margin_rewards"] = [[float(x) for x in record.margin_rewards[i]] for i in idx]
     for key, value in record.attributes.items():
         if isinstance(value, list):
             if len(value) == k:  # one number per response; other lists are not inputs

@@ -34,6 +34,10 @@ class PreferenceRecord:
     ranking: list[int] | None = None  # response indices, best first
     pairs: list[tuple[int, int]] | None = None  # (winner, loser) indices
     labels: list[bool] | None = None  # one per response: desirable / undesirable
+    # MODPO's margins (METHODS.md §M1): one list per response, one float per extra objective, the same
+    # count in every record; ``objective_names`` names those columns (dataset-level: equal on every record).
+    margin_rewards: list[list[float]] | None = None
+    objective_names: list[str] | None = None
     # Extra numeric columns: a number per record, or a list with one number per response
     # (HelpSteer2's other ratings, win probabilities, judge scores...). Derivation carries them
     # into ``Example.inputs`` under the same key.

@@ -206,6 +206,68 @@ def _check_attributes(attributes: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _check_margin_rewards(record: PreferenceRecord, k: int) -> list[Problem]:
+    """MODPO's margins: one non-empty list of finite numbers per response, the same length for every response,
+    and ``objective_names`` (when given) one name per column."""
+    values, names = record.margin_rewards, record.objective_names
+    problems: list[Problem] = []
+    width = None
+    if values is not None:
+        if not isinstance(values, list):
+            what = _type_name(values)
+            return [("margin_rewards", f"expected a list with one list of numbers per response, got {what}")]
+        if len(values) != k:
+            return [("margin_rewards", f"has {len(values)} values for {k} responses")]
+        for i, row in enumerate(values):
+            path = f"margin_rewards[{i}]"
+            if not isinstance(row, list) or not row:
+                what = "an empty list" if isinstance(row, list) else _type_name(row)
+                problems.append((path, f"expected a list of numbers (one per extra objective), got {what}"))
+                continue
+            problems += [(f"{path}[{j}]", msg) for j, v in enumerate(row) if (msg := _score_problem(v)) is not None]
+            if width is None:
+                width = len(row)
+            elif len(row) != width:
+                problems.append((path, f"has {len(row)} values, margin_rewards[0] has {width} "
+                                       "(one per extra objective)"))
+    if names is None:
+        return problems
+    if values is None:
+        return problems + [("objective_names", "names margin_rewards columns, but the record has no margin_rewards")]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        return problems + [("objective_names", f"expected a list of names, got {names!r}")]
+    if width is not None and len(names) != width:
+        problems.append(("objective_names", f"has {len(names)} names for {width} margin reward column(s)"))
+    return problems
+
+
+def dataset_problems(records: list[PreferenceRecord]) -> dict[int, list[DataIssue]]:
+    """Fields that must agree across the whole data set, by position of the record that disagrees: every record
+    carries margin_rewards or none does, with the same number of columns as the first record that has them; a
+    record may omit objective_names (the data set's names hold), one that gives them gives the same names."""
+    first = next((r for r in records if r.margin_rewards is not None), None)
+    if first is None:
+        return {}
+    width = len(first.margin_rewards[0])
+    named = next((r for r in records if r.objective_names is not None), None)
+    out: dict[int, list[DataIssue]] = {}
+    for i, r in enumerate(records):
+        bad = []
+        if r.margin_rewards is None:
+            bad.append(("margin_rewards", f"missing (the data's other records carry margin rewards, e.g. line "
+                                          f"{first.line})"))
+        elif len(r.margin_rewards[0]) != width:
+            bad.append(("margin_rewards", f"{len(r.margin_rewards[0])} column(s) per response; line {first.line} "
+                                          f"has {width} (every record needs the same objectives)"))
+        if r.objective_names is not None and r.objective_names != named.objective_names:  # omitted: inherited
+            bad.append(("objective_names", f"{r.objective_names!r} differs from line {named.line}'s "
+                                           f"{named.objective_names!r} (a data-set-level field: the same on every "
+                                           "record)"))
+        if bad:
+            out[i] = [DataIssue(r.source, r.line, r.field_name(path), msg) for path, msg in bad]
+    return out
+
+
 def structural_problems(record: PreferenceRecord) -> list[Problem]:
     """Types, blank text, conversation structure, per-response lengths, index ranges and finiteness."""
     reason = record.missing_reasons.get("prompt")
@@ -231,6 +293,7 @@ def structural_problems(record: PreferenceRecord) -> list[Problem]:
     problems += _check_ranking(record.ranking, k)
     problems += _check_pairs(record.pairs, k)
     problems += _check_attributes(record.attributes)
+    problems += _check_margin_rewards(record, k)
     return problems
 
 
@@ -378,8 +441,9 @@ def validate_records(
     if not records:
         raise DataError([DataIssue("<data>", 0, "<file>", "no records")])
     valid, issues = [], []
+    found_by_record = []
     for record in records:
-        found = record_issues(
+        found_by_record.append(record_issues(
             record,
             objective_shape=objective_shape,
             min_responses=min_responses,
@@ -387,7 +451,12 @@ def validate_records(
             max_prompt_length=max_prompt_length,
             overlong_prompt=overlong_prompt,
             chat_template=chat_template,
-        )
+        ))
+    # Data-set-level agreement, among the structurally sound records only (a malformed field is reported once).
+    sound = [i for i, found in enumerate(found_by_record) if not any(f.kind == "record" for f in found)]
+    for j, extra in dataset_problems([records[i] for i in sound]).items():
+        found_by_record[sound[j]] += extra
+    for record, found in zip(records, found_by_record, strict=True):
         issues += found
         if not found:
             valid.append(record)

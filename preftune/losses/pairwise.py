@@ -782,3 +782,80 @@ def adpo(policy: PolicyStats, ref: RefStats, tau: float = 10.0) -> LossOutput:
     q = torch.ones_like(z) if q is None else q.reshape(-1).to(z.dtype)
     losses = -(q * logsigmoid(z) + (1 - q) * logsigmoid(-z))
     return loss_output(losses, a[:, 0], a[:, 1])
+
+
+# --- MODPO ----------------------------------------------------------------------------------------
+
+# β/w_0 is the effective KL weight of the w_0 objective; below this the policy drifts far from π_ref.
+MODPO_KL_FLOOR = 0.05
+
+
+def modpo_weights(w, margin_columns: int) -> tuple[float, list[float]]:
+    """``(w_0, w_{1:})`` checked against the number of margin columns; ValueError says what is wrong.
+
+    ``w = None`` means the single objective w = (1,): allowed only without margin columns (then MODPO is DPO).
+    """
+    if w is None:
+        if margin_columns:
+            raise ValueError(
+                f"objective 'modpo': the data carries {margin_columns} margin reward column(s) (margin_rewards); "
+                f"set loss_params.w to {1 + margin_columns} weights (w_0 for the trained preference, then one "
+                "per margin column)"
+            )
+        return 1.0, []
+    if isinstance(w, (int, float)) and not isinstance(w, bool):
+        w = [w]
+    if not isinstance(w, (list, tuple)) or not w or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in w
+    ):
+        raise ValueError(f"objective 'modpo': w={w!r} must be a list of finite numbers (w_0, w_1, ...)")
+    if w[0] <= 0:
+        raise ValueError(f"objective 'modpo': w_0={w[0]} must be > 0 (the loss divides by it)")
+    if len(w) != 1 + margin_columns:
+        raise ValueError(
+            f"objective 'modpo': w has {len(w)} weight(s) but the data carries {margin_columns} margin reward "
+            f"column(s): w needs 1 + {margin_columns} = {1 + margin_columns} (w_0, then one per margin column)"
+        )
+    return float(w[0]), [float(x) for x in w[1:]]
+
+
+@register(
+    "modpo",
+    summary="MODPO: DPO on one objective's pairs with the other objectives' rewards as a weighted margin",
+    paper="Beyond One-Preference-Fits-All Alignment: Multi-Objective Direct Preference Optimization",
+    arxiv="2310.03708",
+    inputs=("margin_rewards",),
+    hyperparameters={
+        "beta": BETA,
+        "w": Hyper(
+            None,
+            help="objective weights (w_0, w_1, ...): w_0 > 0 weighs the trained preference, w_j the j-th margin "
+            "reward column; null = (1,), allowed only without margin columns (then MODPO is DPO)",
+        ),
+        "loss_type": Hyper("sigmoid", choices=("sigmoid", "hinge"), help="link: −log σ(z) or relu(1 − z)"),
+    },
+    notes="Margin rewards (B, 2, n−1): the data's margin_rewards (one list per response, objective_names), or "
+    "computed once before training from margin_models (reward models, or implicit DPO rewards "
+    "β_j·(log π_j − log π_ref) of other policies). As ZHZisZZ/modpo modpo_loss: the effective KL weight "
+    "is β/w_0 (a warning below 0.05); w = (1, 0, ...) is DPO.",
+)
+def modpo(
+    policy: PolicyStats, ref: RefStats, beta: float = 0.1, w: list[float] | None = None, loss_type: str = "sigmoid"
+) -> LossOutput:
+    """MODPO (Zhou et al., arXiv 2310.03708; ZHZisZZ/modpo ``modpo_trainer.modpo_loss``).
+
+    h(y) = (1/w_0)·[β·ρ_θ(y) − w_{1:}ᵀ m(x, y)],  z = h(y_w) − h(y_l),
+    L = −log σ(z) (sigmoid) or relu(1 − z) (hinge). m = ``policy.inputs['margin_rewards']`` (B, 2, n−1),
+    detached; logged rewards are h. Normalisation: sum. Shapes: (B, 2) + (B, 2, n−1) → (B,).
+    """
+    rho = policy.logps - ref.logps  # (B, 2)
+    m = policy.inputs.get("margin_rewards")
+    m = rho.new_zeros(*rho.shape, 0) if m is None else m.to(rho.dtype).detach()
+    if m.dim() != 3 or m.shape[:2] != rho.shape:
+        raise ValueError(f"objective 'modpo': margin_rewards must be (B, 2, n−1), got {tuple(m.shape)}")
+    w0, rest = modpo_weights(w, m.shape[-1])
+    margin = m @ rho.new_tensor(rest) if rest else rho.new_zeros(rho.shape)  # (B, 2)
+    h = (beta * rho - margin) / w0
+    z = h[:, 0] - h[:, 1]
+    losses = -logsigmoid(z) if loss_type == "sigmoid" else torch.relu(1 - z)
+    return loss_output(losses, h[:, 0], h[:, 1], margin_chosen=margin[:, 0], margin_rejected=margin[:, 1])

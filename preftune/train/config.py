@@ -131,6 +131,15 @@ class TrainConfig(RunConfig):
         description="OREO: the frozen critic V(s_t), a token-classification model with one label (HF folder); "
         "preftune trains the policy only",
     )
+    margin_models: list[str] = Field(
+        default_factory=list,
+        description="MODPO: models whose rewards become margin columns after the data's margin_rewards, scored "
+        "once before training and cached: a reward-model folder (its reward r(x, y)) or a policy folder / LoRA "
+        "adapter (its implicit DPO reward margin_beta·(log π − log π_ref), π_ref = model)",
+    )
+    margin_beta: float | None = Field(
+        None, gt=0, description="MODPO: β of implicit-reward margin models (default: the loss's beta)"
+    )
 
     # --- LoRA
     lora: bool = Field(False, description="train LoRA adapters; the reference is the base model with adapters off")
@@ -222,6 +231,10 @@ class TrainConfig(RunConfig):
                 "(preftune.losses.get(name).fn)"
             )
         obj.resolve(self.loss_hyperparameters())  # range check with the objective's name in the error
+        if "margin_rewards" in obj.inputs:
+            self._check_margins(obj)
+        elif self.margin_models:
+            raise ValueError(f"margin_models give MODPO's margin rewards; objective '{obj.name}' takes none")
         for name in required_config(obj):
             if getattr(self, name) is None:
                 raise ValueError(f"objective '{obj.name}' needs {name}: {type(self).model_fields[name].description}")
@@ -258,6 +271,22 @@ class TrainConfig(RunConfig):
         if self.resume and self.curriculum == "iterative":
             raise ValueError("resume: curriculum=iterative runs one training per stage and cannot resume; "
                              "rerun it, or use curriculum=sequential (one run)")
+
+    def _check_margins(self, obj) -> None:
+        """MODPO's weights: numbers with w_0 > 0 (their count is checked against the data's margin columns when
+        the data is read); a warning when the effective KL weight β/w_0 is very small (METHODS.md §M1(e))."""
+        import warnings
+
+        from preftune.losses.pairwise import MODPO_KL_FLOOR, modpo_weights
+
+        params = obj.resolve(self.loss_hyperparameters())
+        if params.get("w") is None:
+            return
+        w = params["w"] if isinstance(params["w"], (list, tuple)) else [params["w"]]
+        w0, _ = modpo_weights(w, len(w) - 1)
+        if params["beta"] / w0 < MODPO_KL_FLOOR:
+            warnings.warn(f"objective '{obj.name}': effective KL weight β/w_0 = {params['beta'] / w0:.3g} is below "
+                          f"{MODPO_KL_FLOOR}: the policy may drift far from the reference", stacklevel=2)
 
     def objective(self):
         from preftune.losses import get

@@ -21,6 +21,7 @@ token_rm_logps     TGDPO: per-token log-probs of the frozen token-level reward p
                    ``TrainConfig.token_rm_model`` (same tokenizer), loaded once.
 values             OREO: V(s_t) at every response position from the frozen critic
                    ``TrainConfig.value_model`` (a token-classification model with one label).
+margin_rewards     MODPO: (B, K, 0) when neither the data nor margin_models give margin columns.
 terminal_reward    OREO: the trajectory reward R — a ``terminal_reward`` column, else ``scores``,
                    else the label (1 desirable / 0 undesirable).
 =================  ==========================================================================
@@ -135,6 +136,11 @@ def _values(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     return {"values": grid}
 
 
+def _no_margins(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    # MODPO without margin columns (neither in the data nor from margin_models): w = (w_0,), i.e. DPO.
+    return {"margin_rewards": policy.logps.new_zeros(*policy.logps.shape, 0).detach()}
+
+
 def _terminal_reward(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     for key in ("scores", "labels"):
         if key in batch.inputs:
@@ -171,6 +177,12 @@ PROVIDERS: tuple[Provider, ...] = (
         _values,
         "V(s_t) from the frozen critic value_model (token classification, 1 label)",
         config="value_model",
+    ),
+    Provider(
+        ("margin_rewards",),
+        _no_margins,
+        "a margin_rewards column (one list of floats per response, named by objective_names), or margin_models "
+        "scored once before training (reward/margins.py); neither: no margin columns (MODPO = DPO)",
     ),
     Provider(
         ("terminal_reward",), _terminal_reward, "a terminal_reward column, else scores, else the label as 1/0"

@@ -93,6 +93,9 @@ def train(cfg: TrainConfig, *, train_examples=None, eval_examples=None, tokenize
         from preftune.train.curriculum import train_curriculum
 
         return train_curriculum(cfg, eval_examples=eval_examples, tokenizer=tokenizer, model=model)
+    if cfg.margin_models and train_examples is None:
+        raise ValueError("margin_models are scored before training by preftune.reward.margins: call "
+                         "train_with_margins(cfg) there (what `preftune train` runs)")
     runner = build_runner(cfg, train_examples=train_examples, eval_examples=eval_examples,
                           tokenizer=tokenizer, model=model, ref_cache=ref_cache, eval_ref_cache=eval_ref_cache)
     return run_to_end(runner)

@@ -37,6 +37,7 @@ COVERAGE = {
     "ld_dpo": {"parity", "property", "stability", "trl"},
     "sem_dpo": {"parity", "property", "stability"},
     "adpo": {"parity", "property", "stability"},
+    "modpo": {"golden", "parity", "property", "stability"},  # tests/losses/test_modpo.py
     "simpo": {"golden", "parity", "property", "stability", "trl"},
     "orpo": {"golden", "parity", "stability", "trl"},
     # Part B — tests/losses/test_reference_free.py
