@@ -46,11 +46,15 @@ KEY_PAIRS = (
     ("topic", "detail"),
 )
 
+# "short" values: without them most answers ran past 48 tokens (a paragraph per value, nested objects) and
+# base success on the held-out prompts was 7.0% [4.5, 10.8]; with them 15.6% (docs/tasks.md).
 TEMPLATES = (
-    'Describe {t} as a JSON object with the keys "{a}" and "{b}". Write only the JSON.',
-    'Give one fact about {t} as a JSON object with the keys "{a}" and "{b}". Reply with the JSON only.',
-    'Answer in JSON about {t}: one object with the keys "{a}" and "{b}", and no other text.',
-    'Return a JSON object with the keys "{a}" and "{b}" that describes {t}. Output only the JSON.',
+    'Describe {t} as a JSON object with the keys "{a}" and "{b}", each a short string. Write only the JSON.',
+    'Give one fact about {t} as a JSON object with the keys "{a}" and "{b}" (short strings). '
+    "Reply with the JSON only.",
+    'Answer in JSON about {t}: one object with the keys "{a}" and "{b}", short string values, and no other text.',
+    'Return a JSON object with the keys "{a}" and "{b}" (a few words each) that describes {t}. '
+    "Output only the JSON.",
 )
 
 _KEYS_RE = re.compile(r'with the keys ((?:"[^"]+"(?:, | and |, and ))*"[^"]+")', re.IGNORECASE)

@@ -73,7 +73,7 @@ def test_judge_orders_failures_and_reads_the_keys_from_the_prompt():
         jo.judge(P, OK, finished=False).score,  # cut
     ]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
-    title = 'Answer in JSON about tea: one object with the keys "title" and "summary", and no other text.'
+    title = 'Answer in JSON about tea: one object with the keys "title" and "summary", short string values.'
     assert jo.keys_of(title) == ("title", "summary")
     assert jo.judge(title, '{"title": "Tea", "summary": "A drink."}').success
     assert not jo.judge(title, OK).success
@@ -101,7 +101,8 @@ def test_split_by_topic_is_disjoint_and_deterministic():
     assert all(p[0]["role"] == "user" and len(p) == 1 for p in train + held)
     assert {task.constraint_of(p) for p in train} == set(jo.KEY_PAIRS) == {task.constraint_of(p) for p in held}
     assert prompt_text(held[0]) == (
-        'Describe honey bees as a JSON object with the keys "name" and "fact". Write only the JSON.'
+        'Describe honey bees as a JSON object with the keys "name" and "fact", each a short string. '
+        "Write only the JSON."
     )
 
 
