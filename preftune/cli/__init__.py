@@ -374,7 +374,8 @@ def judge_cmd(
         "--judge",
         "-j",
         help="task:NAME (built-in task), rm:PATH (reward or GPM "
-        "model folder), llm:MODEL (local chat model, asked A or B in both orders)",
+        "model folder), llm:MODEL (local chat model, asked A or B in both orders), lsc(JUDGE, ..., ref=candidates) "
+        "(pointwise judges combined by the LSC transform)",
     ),
     output: str = typer.Option("comparisons.jsonl", "--output", "-o", help="comparisons (input of preftune rank)"),
     tie_margin: float = typer.Option(0.0, "--tie-margin", min=0.0, max=0.5, help="|P(a ≻ b) − ½| ≤ this: a tie"),

@@ -28,8 +28,9 @@ class OnlineConfig(BaseModel):
     judge: str | None = Field(
         None,
         description="who judges the training samples: task:NAME, rm:PATH (reward or GPM model, any tokenizer), "
-        "llm:MODEL (pairwise, both orders), or self (the policy with the Self-Rewarding rubric); default "
-        "task:<task>. Held-out success is always the task's judge",
+        "llm:MODEL (pairwise, both orders), self (the policy with the Self-Rewarding rubric), or lsc(JUDGE, ..., "
+        "option=value) (pointwise judges summed after the LSC transform, reference rewards from π_0 samples drawn "
+        "before training; reward/lsc.py); default task:<task>. Held-out success is always the task's judge",
     )
     judge_temperature: float = Field(
         0.1, ge=0, description="P_ij = σ((s_i − s_j)/T) from scalar scores (0: hard 1/½/0)"

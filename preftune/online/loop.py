@@ -238,7 +238,13 @@ class OnlineRun:
 
         return SampleJudge(self.cfg.resolved("judge"), self.task, temperature=self.cfg.judge_temperature,
                            eos_penalty=self.cfg.resolved("missing_eos_penalty"), policy=self.policy.model,
-                           tokenizer=self.policy.tokenizer)
+                           tokenizer=self.policy.tokenizer,
+                           # an lsc(..., ref=pi0) judge samples π_0 on every training prompt now (reward/lsc.py)
+                           reference_prompts=[p for t in range(1, self.cfg.iterations + 1)
+                                              for p in self.prompts_for(t)],
+                           sampling={"max_new_tokens": self.cfg.max_new_tokens, "seed": self.cfg.seed,
+                                     "batch_size": self.cfg.gen_batch_size, "engine": self.cfg.sampling_engine},
+                           reference_file=self.out / "lsc_reference.jsonl")
 
     def prompts_for(self, t: int) -> list:
         n = self.cfg.prompts_per_iteration

@@ -290,10 +290,15 @@ class LLMJudge(Judge):
 
 
 def make_judge(spec: str, **kwargs: Any) -> Judge:
-    """``task:NAME`` (built-in task), ``rm:PATH`` (reward / GPM model folder), ``llm:MODEL`` (chat model)."""
+    """``task:NAME`` (built-in task), ``rm:PATH`` (reward / GPM model folder), ``llm:MODEL`` (chat model),
+    ``lsc(JUDGE, JUDGE, ..., option=value)`` (pointwise judges combined by LSC, preftune.reward.lsc)."""
+    if spec.strip().startswith("lsc("):
+        from preftune.reward.lsc import make_lsc_judge
+
+        return make_lsc_judge(spec, **kwargs)
     kind, _, arg = spec.partition(":")
     if not arg:
-        raise ValueError(f"judge spec {spec!r}: expected task:NAME, rm:PATH or llm:MODEL")
+        raise ValueError(f"judge spec {spec!r}: expected task:NAME, rm:PATH, llm:MODEL or lsc(...)")
     if kind == "task":
         return TaskJudge(arg, **kwargs)
     if kind == "rm":
