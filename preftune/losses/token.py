@@ -113,81 +113,146 @@ def tdpo2(policy: PolicyStats, ref: RefStats, beta: float = 0.1, alpha: float = 
     return _tdpo(policy, ref, beta, alpha, "tdpo2")
 
 
-@register(
-    "sparsepo",
-    summary="SparsePO: token masks on the reward (m^u) and on the token KL (m^d), with L1 sparsity penalties",
-    paper="SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks",
-    arxiv="2410.05102",
-    reference="live_logits",
-    hyperparameters={
-        "beta": BETA,
-        "lambda_reward": Hyper(
-            0.001, 0.0, None, help="λ_u: L1 weight on the reward mask (halve it for a common mask)"
-        ),
-        "lambda_kl": Hyper(
-            0.001, 0.0, None, help="λ_d: L1 weight on the KL mask (halve it for a common mask)"
-        ),
-        "mask_reward": Hyper(
-            True, help="apply m^u (read inputs['token_reward_mask']); false means m^u ≡ 1, no penalty"
-        ),
-        "mask_kl": Hyper(
-            True, help="apply m^d (read inputs['token_kl_mask']); false means m^d ≡ 1, no penalty"
-        ),
-    },
-    inputs=("token_reward_mask", "token_kl_mask"),
-    notes=TOKEN_NOTE
-    + "; "
-    + KL_NOTE
-    + ". The masks (B,K,T, non-negative, not bounded by 1) come from a mask "
-    "model on reference hidden states (learned 'simple_all', or MaPO's parameter-free 'zn_rescale'); engine "
-    "computes them and may keep their graph so the mask model trains. A common mask: pass the same tensor "
-    "under both keys and halve λ.",
+SPARSEPO_PAPER = "SparsePO: Controlling Preference Alignment of LLMs via Sparse Token Masks"
+
+
+def _sparsepo(
+    policy: PolicyStats, ref: RefStats, m_u: Tensor | None, m_d: Tensor | None, beta: float, lam_u: float,
+    lam_d: float, name: str,
+) -> LossOutput:
+    """SparsePO's loss on given masks (None: ≡ 1 and no penalty for that term); see ``sparsepo_learned``."""
+    require_pairs(policy, name)
+    rho_t, mask = _token_log_ratios(policy, ref, name)  # (B, 2, T)
+    if policy.token_kl is None:
+        raise ValueError(f"objective '{name}' needs policy.token_kl (declare reference='live_logits')")
+    zero = torch.zeros((), dtype=rho_t.dtype, device=rho_t.device)
+    g_t = torch.where(mask, -policy.token_kl, zero)  # g_t = −KL_t(ref‖θ)
+    penalty = torch.zeros_like(rho_t[:, 0, 0])
+    metrics: dict[str, Tensor] = {}
+    n_tok = mask.sum((-2, -1)).clamp(min=1)
+    for term, m, lam in (("reward", m_u, lam_u), ("kl", m_d, lam_d)):
+        if m is None:
+            continue
+        m = torch.where(mask, m.to(rho_t.dtype), zero)  # (B, 2, T), 0 on padding
+        if term == "reward":
+            rho_t = m * rho_t
+        else:
+            g_t = m * g_t
+        l1 = m.abs().sum((-2, -1))  # ‖m(y_w)‖₁ + ‖m(y_l)‖₁, (B,)
+        penalty = penalty + lam * l1
+        metrics[f"mask/{term}_l1"] = l1.detach()
+        metrics[f"mask/{term}_mean"] = (l1 / n_tok).detach()
+        metrics[f"mask/{term}_sparsity"] = (100.0 * ((m == 0) & mask).sum((-2, -1)) / n_tok).detach()
+    u_resp = _tsum(rho_t, mask)  # (B, 2) Σ_t m^u ρ_t
+    d_resp = _tsum(g_t, mask)  # (B, 2) Σ_t m^d g_t
+    u = u_resp[:, 0] - u_resp[:, 1]
+    d = d_resp[:, 0] - d_resp[:, 1]
+    losses = -logsigmoid(beta * (u - d)) + penalty
+    if metrics:
+        metrics["mask/penalty"] = penalty.detach()
+    chosen, rejected = beta * (u_resp[:, 0] + d_resp[:, 0]), beta * (u_resp[:, 1] + d_resp[:, 1])
+    return loss_output(losses, chosen, rejected, **metrics)
+
+
+LEARNED_HYPER = {
+    "beta": BETA,
+    "lambda_reward": Hyper(
+        0.001, 0.0, None, help="λ_u: L1 weight on the reward mask as configured (halved for a common mask)"
+    ),
+    "lambda_kl": Hyper(0.001, 0.0, None, help="λ_d: L1 weight on the KL mask as configured (halved for a common mask)"),
+    "masks": Hyper(
+        "common",
+        choices=("common", "independent"),
+        help="common: one mask network for both terms (the paper's sparse-common); independent: one per term "
+        "(rw_kl_independent)",
+    ),
+    "mask_reward": Hyper(True, help="mask the reward term (mask_on_reward); false: m^u ≡ 1, no penalty"),
+    "mask_kl": Hyper(True, help="mask the KL term (mask_on_kl); false: m^d ≡ 1, no penalty"),
+}
+LEARNED_NOTES = (
+    TOKEN_NOTE + "; " + KL_NOTE + ". inputs['token_reward_mask'], inputs['token_kl_mask'] (B,K,T, ≥ 0, not "
+    "bounded by 1, carrying gradient): the learned mask network (model/masks.py TokenMaskHead, 'simple_all') on "
+    "the reference's every-block hidden states, owned by the engine, trained with the policy (AdamW, weight decay "
+    "0.01 on its weights), checkpointed with the trainable weights and saved as output/sparsepo_mask.safetensors."
 )
-def sparsepo(
+
+
+def sparsepo_learned(
     policy: PolicyStats,
     ref: RefStats,
     beta: float = 0.1,
     lambda_reward: float = 0.001,
     lambda_kl: float = 0.001,
+    masks: str = "common",
     mask_reward: bool = True,
     mask_kl: bool = True,
 ) -> LossOutput:
-    """SparsePO (Christopoulou et al. 2025, arXiv 2410.05102; HEBO ``SparseTrainer.get_batch_loss_metrics``).
+    """SparsePO with learned masks (Christopoulou et al. 2025, arXiv 2410.05102; HEBO ``SparseTrainer``).
 
     u = Σ_t m^u_t(y_w)·ρ_t(y_w) − Σ_t m^u_t(y_l)·ρ_t(y_l),   ρ_t = lp_t^θ − lp_t^ref;
     g_t = −KL_t(π_ref ‖ π_θ);  d = Σ_t m^d_t(y_w)·g_t(y_w) − Σ_t m^d_t(y_l)·g_t(y_l);
     L = −log σ(β·(u − d)) + λ_u·(‖m^u(y_w)‖₁ + ‖m^u(y_l)‖₁) + λ_d·(‖m^d(y_w)‖₁ + ‖m^d(y_l)‖₁).
-    Masks: ``inputs['token_reward_mask']``, ``inputs['token_kl_mask']`` (B, 2, T); norms over response
-    tokens. With masks ≡ 1 and λ = 0 this is TDPO1. Shapes → (B,). Normalisation: sum.
+    Masks: ``inputs['token_reward_mask']``, ``inputs['token_kl_mask']`` (B, 2, T), the mask network's output
+    (a common mask is one tensor under both keys); norms over response tokens. With ``masks='common'`` and
+    both terms masked, λ_u and λ_d are halved (the code: the common mask's norm is added twice). With
+    masks ≡ 1 and λ = 0 this is TDPO1. Shapes → (B,). Normalisation: sum.
     Logged rewards: β·(Σ m^u ρ_t + Σ m^d g_t) per response, as the reference code logs them.
     """
-    require_pairs(policy, "sparsepo")
-    rho_t, mask = _token_log_ratios(policy, ref, "sparsepo")  # (B, 2, T)
-    if policy.token_kl is None:
-        raise ValueError("objective 'sparsepo' needs policy.token_kl (declare reference='live_logits')")
-    g_t = -policy.token_kl
-    zero = torch.zeros((), dtype=rho_t.dtype, device=rho_t.device)
-    penalty = torch.zeros_like(rho_t[:, 0, 0])
-    metrics: dict[str, Tensor] = {}
-    if mask_reward:
-        m_u = torch.where(mask, policy.inputs["token_reward_mask"].to(rho_t.dtype), zero)
-        rho_t = m_u * rho_t
-        l1_u = m_u.abs().sum(-1)  # (B, 2)
-        penalty = penalty + lambda_reward * l1_u.sum(-1)
-        metrics["mask/reward_l1"] = l1_u.sum(-1)
-    if mask_kl:
-        m_d = torch.where(mask, policy.inputs["token_kl_mask"].to(rho_t.dtype), zero)
-        g_t = m_d * torch.where(mask, g_t, zero)
-        l1_d = m_d.abs().sum(-1)
-        penalty = penalty + lambda_kl * l1_d.sum(-1)
-        metrics["mask/kl_l1"] = l1_d.sum(-1)
-    reward = _tsum(rho_t, mask)  # (B, 2)
-    wkl = _tsum(g_t, mask)  # (B, 2)
-    u = reward[:, 0] - reward[:, 1]
-    d = wkl[:, 0] - wkl[:, 1]
-    losses = -logsigmoid(beta * (u - d)) + penalty
-    chosen, rejected = beta * (reward[:, 0] + wkl[:, 0]), beta * (reward[:, 1] + wkl[:, 1])
-    return loss_output(losses, chosen, rejected, **metrics)
+    halve = 0.5 if masks == "common" and mask_reward and mask_kl else 1.0
+    m_u = policy.inputs["token_reward_mask"] if mask_reward else None
+    m_d = policy.inputs["token_kl_mask"] if mask_kl else None
+    return _sparsepo(policy, ref, m_u, m_d, beta, halve * lambda_reward, halve * lambda_kl, "sparsepo_learned")
+
+
+register(
+    "sparsepo_learned",
+    summary="SparsePO, learned masks: a mask network on the reference's hidden states weights each token's "
+    "reward and KL, with L1 sparsity penalties",
+    paper=SPARSEPO_PAPER,
+    arxiv="2410.05102",
+    reference="live_logits",
+    hyperparameters=LEARNED_HYPER,
+    inputs=("token_reward_mask", "token_kl_mask"),
+    notes=LEARNED_NOTES,
+)(sparsepo_learned)
+# The paper's method is the learned mask (MaPO is its parameter-free variant): `sparsepo` names it too.
+register(
+    "sparsepo",
+    summary="SparsePO (the paper's learned masks): the same objective as sparsepo_learned, under the paper's name",
+    paper=SPARSEPO_PAPER,
+    arxiv="2410.05102",
+    reference="live_logits",
+    hyperparameters=LEARNED_HYPER,
+    inputs=("token_reward_mask", "token_kl_mask"),
+    notes=LEARNED_NOTES,
+)(sparsepo_learned)
+
+
+@register(
+    "sparsepo_mapo",
+    summary="SparsePO, MaPO masks: token weights on reward and KL from the reference's activations, min–max "
+    "rescaled per response (no parameters)",
+    paper=SPARSEPO_PAPER + " (MaPO)",
+    arxiv="2410.05102",
+    reference="live_logits",
+    hyperparameters={"beta": BETA},
+    inputs=("token_activation_mask",),
+    notes=TOKEN_NOTE + "; " + KL_NOTE + ". inputs['token_activation_mask'] (B,K,T) in [0,1], no gradient: "
+    "computed in the live-reference pass by hooks on a Llama-style reference (model/masks.py mapo_mask).",
+)
+def sparsepo_mapo(policy: PolicyStats, ref: RefStats, beta: float = 0.1) -> LossOutput:
+    """SparsePO with MaPO masks (Christopoulou et al. 2025, arXiv 2410.05102; HEBO ``MAPOTrainer.mapo_loss``).
+
+    One common mask m ∈ [0, 1] from the frozen reference's activations (``inputs['token_activation_mask']``,
+    detached): m_t = mean over four groups (MLP activations, attention q/k/v/rotary q,k/head outputs,
+    residual stream, logits) of the mean over the group's tensors of the per-response min–max rescaled
+    feature mean at the position predicting token t.
+    L = −log σ(β·[(Σ_t m_t ρ_t(y_w) − Σ_t m_t ρ_t(y_l)) − (Σ_t m_t g_t(y_w) − Σ_t m_t g_t(y_l))]),
+    g_t = −KL_t(π_ref ‖ π_θ); no L1 term. Logged rewards β·(Σ m ρ_t + Σ m g_t). Shapes (B, 2, T) → (B,).
+    Normalisation: sum.
+    """
+    m = policy.inputs["token_activation_mask"].detach()
+    return _sparsepo(policy, ref, m, m, beta, 0.0, 0.0, "sparsepo_mapo")
 
 
 @register(

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from preftune.losses.base import PolicyStats, RefStats
+from preftune.model import masks
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -400,6 +401,9 @@ class LogProbEngine(nn.Module):
         self.prefix_sharing = prefix_sharing
         self._shares: bool | None = None
         self.prefix_sharing_reason = ""
+        # SparsePO's learned mask network (model/masks.py), set by the trainer: a submodule, so the optimizer,
+        # DDP and checkpoints see its parameters; it runs inside forward on ``ref_layer_hidden``.
+        self.token_masks: nn.Module | None = None
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -420,14 +424,20 @@ class LogProbEngine(nn.Module):
                 self._shares, self.prefix_sharing_reason = ok, why
         return self._shares
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    def hidden_states(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None, all_layers: bool = False
+    ):
+        """The backbone's last hidden states (N, L, H); with ``all_layers`` also HF's ``hidden_states`` tuple."""
         lm, backbone, _ = split_lm(self.model)
         emb = lm.get_input_embeddings().weight
         kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        if all_layers:
+            kwargs["output_hidden_states"] = True
         out = backbone(
             input_ids=input_ids, attention_mask=_attention_mask_for(lm, attention_mask, emb), use_cache=False, **kwargs
         )
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return (last, out.hidden_states) if all_layers else last
 
     def forward(
         self,
@@ -440,9 +450,14 @@ class LogProbEngine(nn.Module):
         ref_head_weight: Tensor | None = None,
         ref_head_bias: Tensor | None = None,
         position_ids: Tensor | None = None,
+        ref_layer_hidden: Tensor | None = None,
+        ref_activation_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-token log-probs (M,) of the response tokens; with ``ref_hidden`` (M, H) from a live
-        reference, also the reference log-probs and KL(ref ‖ θ) over the full vocabulary (TDPO)."""
+        reference, also the reference log-probs and KL(ref ‖ θ) over the full vocabulary (TDPO).
+        SparsePO: ``ref_layer_hidden`` (L, M, H), the reference's every-block hidden states, go through
+        ``token_masks`` (with gradient: the network trains) to (M,) ``token_reward_mask``/``token_kl_mask``;
+        ``ref_activation_mask`` (M,), MaPO's mask from the reference pass, is returned as ``token_activation_mask``."""
         lm, _, head = split_lm(self.model)
         post = _logits_postprocess(lm)
         plain = all(
@@ -473,6 +488,12 @@ class LogProbEngine(nn.Module):
         if out_kl:
             result["ref_token_logps"] = torch.cat(out_ref)
             result["token_kl"] = torch.cat(out_kl)
+        if ref_layer_hidden is not None:
+            if self.token_masks is None:
+                raise ValueError("ref_layer_hidden given but the engine has no token_masks network")
+            result.update(self.token_masks(ref_layer_hidden))
+        if ref_activation_mask is not None:
+            result[masks.ACTIVATION_KEY] = ref_activation_mask
         return result
 
 
@@ -553,6 +574,9 @@ def policy_stats(
         token_kl=token_kl,
         inputs={k: v.to(device) for k, v in (inputs or {}).items()},
     )
+    for key in (*masks.LEARNED_KEYS, masks.ACTIVATION_KEY):  # SparsePO's masks, (M,) → (B, K, T)
+        if key in out:
+            stats.inputs[key] = scatter_stats(packed, out[key], True)[1]
     return stats, ref
 
 
@@ -576,17 +600,46 @@ def reference_stats(
 
 
 @torch.no_grad()
-def live_reference_inputs(engine: LogProbEngine, packed: PackedBatch, ref_model: nn.Module | None) -> dict[str, Tensor]:
+def live_reference_inputs(
+    engine: LogProbEngine,
+    packed: PackedBatch,
+    ref_model: nn.Module | None,
+    *,
+    layer_hidden: bool = False,
+    activation_mask: bool = False,
+) -> dict[str, Tensor]:
     """Reference hidden states at the response positions and the reference LM head, for objectives
     that need full-vocabulary reference distributions (TDPO, SparsePO). Only (M, H) is kept, never
-    reference logits for the whole batch."""
+    reference logits for the whole batch. From the same pass, for SparsePO: ``layer_hidden`` adds
+    ``ref_layer_hidden`` (L, M, H), every block's output (HF ``hidden_states[1:]``), the learned masks'
+    input; ``activation_mask`` adds MaPO's ``ref_activation_mask`` (M,) (model/masks.py)."""
     model = ref_model if ref_model is not None else engine.model
     ctx = engine.model.disable_adapter() if ref_model is None else contextlib.nullcontext()
-    with ctx:
-        hidden = LogProbEngine(model).hidden_states(packed.input_ids, packed.attention_mask, packed.position_ids)
-    _, _, head = split_lm(model)
-    return {
-        "ref_hidden": hidden[packed.pred_rows, packed.pred_pos],
+    lm, backbone, head = split_lm(model)
+    rec = masks.record_activations(backbone) if activation_mask else contextlib.nullcontext()
+    with ctx, rec as acts:
+        got = LogProbEngine(model).hidden_states(packed.input_ids, packed.attention_mask, packed.position_ids,
+                                                 all_layers=layer_hidden)
+    hidden, layers = got if layer_hidden else (got, None)
+    at = (packed.pred_rows, packed.pred_pos)
+    out = {
+        "ref_hidden": hidden[at],
         "ref_head_weight": head.weight.detach(),
         "ref_head_bias": None if getattr(head, "bias", None) is None else head.bias.detach(),
     }
+    if layer_hidden:
+        out["ref_layer_hidden"] = torch.stack([h[at] for h in layers[1:]])
+    if activation_mask:
+        groups = {g: torch.stack([a[at] for a in acts[g]]) for g in ("mlp", "attn", "resid")}
+        groups["logits"] = _logit_means(out["ref_hidden"], head, _logits_postprocess(lm), engine.chunk_size)[None]
+        out["ref_activation_mask"] = masks.mapo_mask(groups, packed.token_slot, packed.B * packed.K)
+    return out
+
+
+def _logit_means(hidden: Tensor, head: nn.Module, post, chunk: int) -> Tensor:
+    """(M,) mean over the vocabulary of the LM logits at each position (MaPO's logits group), by chunks."""
+    bias = getattr(head, "bias", None)
+    return torch.cat([
+        _at_least_fp32(post(torch.nn.functional.linear(hidden[s : s + chunk], head.weight, bias))).mean(-1)
+        for s in range(0, hidden.shape[0], chunk)
+    ])

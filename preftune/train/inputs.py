@@ -15,8 +15,10 @@ ref_kl_logps       of the same micro-batch (prompt i with the completion of exam
                    weights at train time (a live reference, or LoRA with the adapter disabled).
 prev_logps         INPO's π_t: first iteration π_t = π_ref, i.e. the reference log-probs; later
                    iterations pass π_t's summed log-probs as a ``prev_logps`` column.
-token_reward_mask  SparsePO's masks: preftune has no mask model, so both masks are 1 on every
-token_kl_mask      response token (SparsePO then equals TDPO1 plus a constant L1 penalty).
+token_reward_mask  SparsePO's learned masks (sparsepo_learned): computed by the engine's mask network
+token_kl_mask      (model/masks.py) from the reference's every-block hidden states, in the forward.
+token_activation_  MaPO's mask (sparsepo_mapo): from the reference's activations, hooked during the
+mask               engine's live-reference pass (model/masks.py). Neither is a provider's work.
 token_rm_logps     TGDPO: per-token log-probs of the frozen token-level reward policy
                    ``TrainConfig.token_rm_model`` (same tokenizer), loaded once.
 values             OREO: V(s_t) at every response position from the frozen critic
@@ -94,9 +96,11 @@ def _prev_logps(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     return {"prev_logps": ref.logps.detach().float()}
 
 
-def _sparse_masks(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
-    ones = policy.token_mask.float()  # (B, K, T): 1 on response tokens
-    return {"token_reward_mask": ones, "token_kl_mask": ones}
+def _engine_masks(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    # The engine fills these in every forward with a live reference (loop.PolicyForward); reaching here
+    # means a forward without one.
+    raise ValueError("SparsePO's token masks come from the live-reference pass of the policy forward "
+                     "(reference=live); this forward had none")
 
 
 def _token_rm_logps(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
@@ -163,8 +167,15 @@ PROVIDERS: tuple[Provider, ...] = (
     ),
     Provider(
         ("token_reward_mask", "token_kl_mask"),
-        _sparse_masks,
-        "masks of ones on the response tokens (no mask model: SparsePO = TDPO1 + a constant penalty)",
+        _engine_masks,
+        "the learned mask network (model/masks.py TokenMaskHead on the reference's every-block hidden states; "
+        "a common mask is one tensor under both keys), computed in the engine's forward, trained with the policy",
+    ),
+    Provider(
+        ("token_activation_mask",),
+        _engine_masks,
+        "MaPO's mask from the reference's activations (hooks in the live-reference pass, min–max per response; "
+        "model/masks.py mapo_mask), no gradient",
     ),
     Provider(
         ("token_rm_logps",),

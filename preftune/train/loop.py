@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from preftune.losses.base import LossOutput, PolicyStats
+from preftune.model import masks
 from preftune.model.engine import LogProbEngine, live_reference_inputs, pack, policy_stats, reference_stats
 from preftune.train import checkpoint as ckpt
 from preftune.train import distributed, dynamics
@@ -175,6 +176,12 @@ class PolicyForward(Forward):
         self.need_tokens = obj.token_level  # per-token log-probs of policy and reference (registry)
         self.loss_state = obj.state() if obj.state is not None else None
         self.ref_caches: dict = {}
+        # SparsePO: the learned mask network joins the engine (trained, checkpointed); both mask kinds read the
+        # live-reference pass (model/masks.py).
+        self.engine.token_masks = masks.mask_net_for(obj, params, policy, disable_dropout=cfg.disable_dropout,
+                                                     seed=cfg.seed)
+        self.reference_needs = {"layer_hidden": masks.learned_masks_needed(obj),
+                                 "activation_mask": masks.activation_mask_needed(obj)}
 
     def attach(self, runner: Runner) -> None:
         runner.acc.print(f"prefix sharing: {'on' if self.engine.shares_prefix() else 'off'} "
@@ -202,7 +209,7 @@ class PolicyForward(Forward):
                       share_prefix=engine.shares_prefix())
         extra = {}
         if self.ref_mode == "live" and self.obj.reference == "live_logits":
-            extra = live_reference_inputs(engine, packed, self.ref_model)
+            extra = live_reference_inputs(engine, packed, self.ref_model, **self.reference_needs)
         with torch.set_grad_enabled(grad), acc.autocast():
             out = runner.engine(**packed.tensors(), **extra)
         policy, ref = policy_stats(packed, out, need_tokens=self.need_tokens, inputs=batch.inputs)
@@ -225,6 +232,8 @@ class PolicyForward(Forward):
         from preftune.model import save_final
 
         save_final(model, tokenizer, target, merge_lora=self.cfg.merge_lora, overwrite=True)
+        if self.engine.token_masks is not None:  # beside the model folder, which stays a plain HF/vLLM folder
+            masks.save_mask_net(self.engine.token_masks, target.parent)
 
 
 class Runner:
@@ -248,7 +257,7 @@ class Runner:
 
         forward.engine.train()
         trainable = [p for p in forward.engine.parameters() if p.requires_grad]
-        opt, sched = make_optimizer(cfg, trainable, self.total)
+        opt, sched = make_optimizer(cfg, masks.optimizer_groups(trainable, self.mask_net(forward.engine)), self.total)
         if self.kind == "deepspeed":
             distributed.configure_deepspeed(acc, cfg, forward.engine)
         self.engine, self.opt, self.sched = acc.prepare(forward.engine, opt, sched)
@@ -464,11 +473,20 @@ class Runner:
                  "elapsed": now() - self.clock}
         self.reshard()
         return ckpt.save_checkpoint(
-            self.ckpt_root, self.step, model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
+            self.ckpt_root, self.step, model=self.checkpointed, optimizer=self.opt, scheduler=self.sched,
             trainer_state=state, loss_state=self.loss_state, process_index=self.acc.process_index,
             is_main=self.acc.is_main_process, wait=self.acc.wait_for_everyone, keep=self.cfg.save_total_limit,
             shards=self.shards,
         )
+
+    @staticmethod
+    def mask_net(engine):
+        return getattr(engine, "token_masks", None)  # SparsePO's learned masks (model/masks.py)
+
+    @property
+    def checkpointed(self):
+        """What checkpoints hold: the model's trainable weights, and SparsePO's mask network's."""
+        return masks.with_mask_net(self.base_engine.model, self.mask_net(self.base_engine))
 
     @property
     def shards(self) -> int | None:
@@ -487,7 +505,7 @@ class Runner:
         if state.get("loss") != self.cfg.loss:
             raise ValueError(f"{found[-1]}: checkpoint was trained with loss={state.get('loss')}, not {self.cfg.loss}")
         self.reshard()
-        ckpt.load_checkpoint(found[-1], model=self.base_engine.model, optimizer=self.opt, scheduler=self.sched,
+        ckpt.load_checkpoint(found[-1], model=self.checkpointed, optimizer=self.opt, scheduler=self.sched,
                              loss_state=self.loss_state, process_index=self.acc.process_index, shards=self.shards)
         self.step = int(state["step"])
         self.acc.print(f"resumed from {found[-1]} at step {self.step}")

@@ -216,7 +216,8 @@ def make_optimizer(cfg, params: list[torch.nn.Parameter], total: int):
     several passes and allocates temporaries the size of all parameters, which on CPU costs ~0.4 s and
     ~0.5 GiB per step at 135M parameters (docs/benchmarks.md).
     """
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    flat = [q for p in params for q in (p["params"] if isinstance(p, dict) else [p])]  # tensors or param groups
+    fused = bool(flat) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in flat)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                             fused=fused or None)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))

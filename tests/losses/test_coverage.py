@@ -54,7 +54,9 @@ COVERAGE = {
     # Part D — tests/losses/test_token.py
     "tdpo1": {"golden", "parity", "property", "stability"},
     "tdpo2": {"golden", "parity", "property", "stability"},
-    "sparsepo": {"parity", "property", "stability"},
+    "sparsepo": {"golden", "parity", "property", "stability"},  # = sparsepo_learned; tests/losses/test_sparsepo.py
+    "sparsepo_learned": {"golden", "parity", "property", "stability", "state"},  # state: tests/train
+    "sparsepo_mapo": {"golden", "parity", "property", "stability"},
     "tgdpo": {"parity", "property", "stability"},
     "oreo": {"parity", "property", "stability"},
     # Part E — tests/losses/test_selfplay.py

@@ -255,6 +255,7 @@ def test_parity_sparsepo(B):
             beta=0.8,
             lambda_reward=0.01,
             lambda_kl=0.02,
+            masks="independent",  # two masks, λ as given (a common mask halves them: test_sparsepo.py)
         ).losses
 
     def ref(tlp, tkl, mu, md):
