@@ -245,21 +245,36 @@ def token_weights(packed, g_seq: torch.Tensor | None, g_tok: torch.Tensor | None
 
 
 def hidden_grad_sq(h: torch.Tensor, g: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None, post=lambda z: z, chunk: int = 256) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, post=None, chunk: int = 256) -> torch.Tensor:
     """‖g_t ∂ log softmax(post(W h_t + b))[y_t] / ∂h_t‖² for every row t of ``h`` (M, H): the squared norm
-    of the loss gradient that reaches the hidden state h_t through token t's log-prob. Rows are independent,
-    so one backward per chunk gives them all. float32, autocast off; ``weight`` (V, H) is not differentiated."""
+    of the loss gradient that reaches the hidden state h_t through token t's log-prob. float32, autocast
+    off; ``weight`` (V, H) is not differentiated. Without a logit transform (``post`` None) the gradient is
+    written out, g_t Wᵀ(e_{y_t} − softmax(W h_t + b)), one (chunk, V) buffer; with one, autograd per chunk
+    (rows are independent, so one backward gives them all)."""
     W = weight.detach().float()
     b = None if bias is None else bias.detach().float()
     out = []
-    with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
+    with torch.autocast(h.device.type, enabled=False):
         for s in range(0, h.shape[0], chunk):
-            hc = h[s : s + chunk].detach().float().requires_grad_(True)
-            logits = post(torch.nn.functional.linear(hc, W, b)).float()  # (C, V)
-            logp = logits.log_softmax(-1).gather(-1, tokens[s : s + chunk, None]).squeeze(-1)
-            (gh,) = torch.autograd.grad((logp * g[s : s + chunk]).sum(), hc)
+            hc, gc, yc = h[s : s + chunk].detach().float(), g[s : s + chunk].float(), tokens[s : s + chunk, None]
+            if post is None:
+                logits = torch.nn.functional.linear(hc, W, b)  # (C, V)
+                d = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_().mul_(-gc[:, None])  # −g·softmax
+                gh = d.scatter_add_(-1, yc, gc[:, None]) @ W  # (g·onehot − g·softmax) W
+            else:
+                with torch.enable_grad():
+                    hc.requires_grad_(True)
+                    logp = post(torch.nn.functional.linear(hc, W, b)).float().log_softmax(-1).gather(-1, yc)
+                    (gh,) = torch.autograd.grad((logp.squeeze(-1) * gc).sum(), hc)
             out.append(gh.pow(2).sum(-1))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+
+def _logit_transform(lm):
+    """The model's logit transform (Cohere, Granite, Gemma soft-capping), None where it has none."""
+    if all(getattr(lm.config, a, None) is None for a in ("logit_scale", "logits_scaling", "final_logit_softcapping")):
+        return None
+    return _logits_postprocess(lm)
 
 
 def _add(sums: dict, key: str, total, count) -> None:
@@ -279,7 +294,7 @@ class StepGradients:
         self.obj = runner.forward.obj
         self.engine = runner.base_engine
         lm, self.backbone, self.head = split_lm(self.engine.model)
-        self.post = _logits_postprocess(lm)
+        self.post = _logit_transform(lm)
         self.hidden: torch.Tensor | None = None
         self.seconds = 0.0
         a, b = sides

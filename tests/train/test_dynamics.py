@@ -2,7 +2,12 @@
 displacement against an independent scoring, the rows that carry them, and a trajectory they leave alone."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -55,6 +60,11 @@ def test_hidden_grad_sq_is_the_hand_formula():
     got = dynamics.hidden_grad_sq(h, g, y, W, chunk=2)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7)
     assert got[2] == 0.0  # no weight, no gradient
+    # A logit transform z -> 2z (as Cohere's logit_scale): the head is 2W, through autograd.
+    p2 = (2 * h.double() @ W.double().T).softmax(-1)
+    want2 = (g.double()[:, None] * ((torch.eye(7, dtype=torch.float64)[y] - p2) @ (2 * W.double()))).pow(2).sum(-1)
+    got2 = dynamics.hidden_grad_sq(h, g, y, W, post=lambda z: 2 * z, chunk=3)
+    assert torch.allclose(got2.double(), want2, rtol=1e-5, atol=1e-7)
 
 
 def test_due_steps():
@@ -207,3 +217,44 @@ def test_resumed_run_reads_the_step_0_probe(tiny_model_dir, pairs_file, tmp_path
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for k in DELTAS:
         assert resumed[3][f"dynamics/{k}"] == pytest.approx(full[3][f"dynamics/{k}"], rel=1e-4, abs=1e-6), k
+
+
+# ------------------------------------------------------------------------------------------ two processes
+
+
+def _launch(nproc: int, model_dir, data, out: Path, batch_size: int) -> list[dict]:
+    """This file as the worker (``main`` below), under torch.distributed.run when ``nproc`` > 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    args = [__file__, str(model_dir), str(data), str(out), str(batch_size)]
+    if nproc > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", *args]
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_metrics(out / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_distributed_two_processes_log_the_one_process_dynamics(tiny_model_dir, pairs_file, tmp_path):
+    # The main process scores the probe alone (no collective the others would wait in); the gradient sums
+    # are reduced over both processes, so the global batch gives one process's numbers.
+    one = _launch(1, tiny_model_dir, pairs_file, tmp_path / "one", 4)
+    two = _launch(2, tiny_model_dir, pairs_file, tmp_path / "two", 2)
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert [r["step"] for r in two if "dynamics/hidden_grad_ratio" in r] == [2, 3]
+    for k in ("hidden_grad_ratio", "dL_dlogp_chosen", "dL_dlogp_rejected", "log_dL_dprob_ratio", *DELTAS):
+        assert two[-1][f"dynamics/{k}"] == pytest.approx(one[-1][f"dynamics/{k}"], rel=1e-4, abs=1e-6), k
+
+
+def main(model_dir: str, data: str, out: str, batch_size: int) -> None:
+    train(TrainConfig(model=model_dir, data=data, output=out, loss="dpo", max_steps=3, batch_size=batch_size,
+                      learning_rate=1e-2, warmup_ratio=0.0, progress=False, plot=False, save_model=False,
+                      length_grouping=False, ref_cache_dir=out + "-refcache", dynamics_steps=2, dynamics_probe=4,
+                      dynamics_unseen=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
