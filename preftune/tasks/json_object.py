@@ -3,8 +3,9 @@
 Why this task: a format judge of another kind than ``two_sentences`` (prose) — the answer must be
 machine-readable: one JSON object, nothing else, with exactly the keys the prompt names (a pair drawn per
 prompt from ``KEY_PAIRS``) and a non-empty string under each. SmolLM2-135M-Instruct knows JSON but often
-adds an explanation after it, invents other keys or nests the object, or runs past ``max_new_tokens``;
-base success is in docs/tasks.md (``MAX_NEW_TOKENS`` new tokens, the online loop's held-out decoding).
+adds an explanation after it, invents other keys or nests the object, or runs past ``max_new_tokens``.
+Base success on the 64 held-out prompts (``MAX_NEW_TOKENS`` new tokens, the online loop's held-out decoding,
+4 samples each): 16.0% [12.0, 21.0], greedy 9.4% [4.4, 19.0] (docs/tasks.md, benchmarks/task_baselines.py).
 
 Split: by topic, the topics and split of ``keyword`` (every 5th of its 80 topics held out): 64 training
 topics × 4 templates = 256 training prompts, 16 held-out topics × 4 = 64 held-out prompts. The key pair
@@ -47,7 +48,7 @@ KEY_PAIRS = (
 )
 
 # "short" values: without them most answers ran past 48 tokens (a paragraph per value, nested objects) and
-# base success on the held-out prompts was 7.0% [4.5, 10.8]; with them 15.6% (docs/tasks.md).
+# base success on the held-out prompts was 7.0% [4.5, 10.8]; with them 16.0% [12.0, 21.0] (docs/tasks.md).
 TEMPLATES = (
     'Describe {t} as a JSON object with the keys "{a}" and "{b}", each a short string. Write only the JSON.',
     'Give one fact about {t} as a JSON object with the keys "{a}" and "{b}" (short strings). '

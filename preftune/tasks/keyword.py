@@ -4,8 +4,9 @@ Why this task: its judge is of another kind than ``word_limit`` (a length) and `
 format): the answer must contain a given word that has nothing to do with the topic (drawn per prompt
 from ``WORDS``), so the model has to bend its answer around an instruction instead of writing what the
 topic suggests. SmolLM2-135M-Instruct often ignores the word, echoes it in quotes ("… the word
-'whistle' as you requested") or runs past ``max_new_tokens``; base success is in docs/tasks.md
-(``MAX_NEW_TOKENS`` new tokens, the online loop's held-out decoding).
+'whistle' as you requested") or runs past ``max_new_tokens``. Base success on the 64 held-out prompts
+(``MAX_NEW_TOKENS`` new tokens, the online loop's held-out decoding, 4 samples each): 21.9% [17.2, 27.3],
+greedy 26.6% [17.3, 38.5] (docs/tasks.md, benchmarks/task_baselines.py).
 
 Split: by topic. Every 5th of the 80 ``TOPICS`` (fixed order) is held out: 64 training topics × 4
 templates = 256 training prompts, 16 held-out topics × 4 = 64 held-out prompts. The keyword of a prompt
