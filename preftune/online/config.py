@@ -46,7 +46,9 @@ class OnlineConfig(BaseModel):
     k: int | None = Field(None, ge=2, description="samples per prompt (default 4; online_dpo 2)")
     temperature: float | None = Field(None, gt=0, description="sampling temperature (default 0.8)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (default 0.95)")
-    max_new_tokens: int = Field(32, gt=0, description="longest sampled response (a cut response is not an answer)")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="longest sampled response (a cut response is not an answer); default: the task's "
+        "answer length (word_limit 32, keyword/json_object/two_sentences 48, arithmetic 64)")
     gen_batch_size: int = Field(
         256, gt=0, description="sequences per generate call (the fast engine's matmuls need rows: measured 9.3x "
         "the HF path at 256, 5.4x at 48, docs/benchmarks.md)")
@@ -176,6 +178,13 @@ class OnlineConfig(BaseModel):
         if obj.trains != "policy" or obj.shape != "paired":
             raise ValueError(f"objective '{obj.name}' is not a paired policy objective; online loops train pairs")
         obj.resolve(self.loss_hyperparameters())
+        if self.max_new_tokens is None:  # the task's own answer length; the saved config shows the value used
+            from preftune.tasks import get_task
+
+            try:
+                self.max_new_tokens = get_task(self.task).max_new_tokens
+            except KeyError as e:
+                raise ValueError(e.args[0]) from None
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
         alg = self.algo()

@@ -226,5 +226,6 @@ TASK = register(
         constraint=problem_of,
         solution=solution_of,
         step_score=step_score,
+        max_new_tokens=64,
     )
 )

@@ -46,6 +46,9 @@ class Task:
     # self-evaluation prompt) and a check of a partial answer's steps (+1 all right, −1 one wrong, 0 none).
     solution: Callable[[Prompt], str] | None = None
     step_score: Callable[[Prompt, str], float] | None = None
+    # The answer length (new tokens) the task's prompts need and its base rates were measured at: the default
+    # ``max_new_tokens`` of an online run or compare cell on this task (a cut answer is never a success).
+    max_new_tokens: int = 32
 
     def topic_of(self, prompt: Prompt | str) -> str | None:
         """The first of ``topics`` that the prompt's text mentions (None when none does)."""

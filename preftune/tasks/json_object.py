@@ -162,5 +162,6 @@ TASK = register(
         judge=judge,
         topics=TOPICS,
         constraint=keys_of,
+        max_new_tokens=MAX_NEW_TOKENS,
     )
 )

@@ -167,5 +167,6 @@ TASK = register(
         judge=judge,
         topics=TOPICS,
         constraint=keyword_of,
+        max_new_tokens=MAX_NEW_TOKENS,
     )
 )

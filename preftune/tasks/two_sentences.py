@@ -226,5 +226,6 @@ TASK = register(
         judge=judge,
         topics=TOPICS,
         constraint=sentences_of,
+        max_new_tokens=48,
     )
 )

@@ -65,3 +65,20 @@ def test_algorithms_refused_under_several_processes(algorithm, refused):
     why = refusals(cfg, 2)
     assert bool(why) is refused
     assert all(algorithm in w and "run it as one process" in w for w in why)
+
+
+def test_a_recipe_follows_the_task_it_is_given():
+    """`preftune online configs/online/X.yaml --task keyword` judges keyword answers at keyword's answer length
+    (a recipe pinned to word_limit's judge and 32 tokens would judge the wrong task and cut most answers)."""
+    from preftune.tasks import get_task
+
+    for name in ("iterative_dpo", "sppo", "dno"):
+        cfg = load_config(ONLINE / f"{name}.yaml", {"task": "keyword"}, model=OnlineConfig)
+        assert cfg.resolved("judge") == "task:keyword"
+        assert cfg.max_new_tokens == get_task("keyword").max_new_tokens == 48
+    assert OnlineConfig(task="word_limit").max_new_tokens == 32
+    assert OnlineConfig(task="arithmetic", algorithm="mcts_dpo").max_new_tokens == 64
+    assert OnlineConfig(task="keyword", max_new_tokens=20).max_new_tokens == 20  # a set value wins
+    assert OnlineConfig(task="keyword").summary()["max_new_tokens"] == 48
+    with pytest.raises(ValueError, match="unknown task"):
+        OnlineConfig(task="nope")
