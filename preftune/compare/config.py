@@ -22,8 +22,9 @@ from preftune.online.config import OnlineConfig
 CELL_FIXED: dict[str, Any] = {"algorithm": "iterative_dpo", "iterations": 1, "ref_mode": "fixed"}
 # Set per cell by the grid, never in ``base``.
 GRID_KEYS = ("task", "seed", "loss", "loss_params", "beta", "output", "resume")
-# A grid's cells show no progress bars and write no per-cell plots unless ``base`` asks for them.
-CELL_DEFAULTS: dict[str, Any] = {"progress": False, "plot": False}
+# A grid's cells show no progress bars and write no per-cell plots unless ``base`` asks for them, and log the
+# training dynamics (likelihood displacement per objective: the comparison's own question) unless told not to.
+CELL_DEFAULTS: dict[str, Any] = {"progress": False, "plot": False, "dynamics": True}
 
 
 class Sweep(BaseModel):

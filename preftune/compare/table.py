@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -18,11 +19,12 @@ BASE = "base"  # π_0's row (and leaderboard system): the model before training
 # Columns of table.csv / table.json rows, in order.
 COLUMNS = ("kind", "task", "seed", "objective", "variant", "beta", "learning_rate", "success", "success_low",
            "success_high", "n", "success_delta", "winrate_base", "judge_score", "kl", "kl_se", "len_words",
-           "len_tokens", "eos_rate", "fluency_nll", "greedy_success", "pairs", "steps", "train_seconds", "eval_seconds",
-           "wall_seconds", "seeds")
+           "len_tokens", "eos_rate", "fluency_nll", "greedy_success", "chosen_logp_delta", "rejected_logp_delta",
+           "unseen_logp_delta", "pairs", "steps", "train_seconds", "eval_seconds", "wall_seconds", "seeds")
 # Held-out figures averaged over seeds in the means rows.
 MEAN_KEYS = ("success_delta", "winrate_base", "judge_score", "kl", "len_words", "len_tokens", "eos_rate",
-             "fluency_nll", "greedy_success", "pairs", "steps", "train_seconds", "eval_seconds", "wall_seconds")
+             "fluency_nll", "greedy_success", "chosen_logp_delta", "rejected_logp_delta", "unseen_logp_delta", "pairs",
+             "steps", "train_seconds", "eval_seconds", "wall_seconds")
 
 
 def _figures(ev: dict) -> dict:
@@ -50,9 +52,26 @@ def cell_row(cell: Cell, folder: Path, base: dict) -> dict | None:
            **_figures(ev), "pairs": m.get("build", {}).get("pairs"), "steps": train.get("steps"),
            "train_seconds": train.get("train_seconds", 0.0), "eval_seconds": ev.get("seconds")}
     row["wall_seconds"] = (row["train_seconds"] or 0.0) + (row["eval_seconds"] or 0.0)
+    row.update(displacement(it.path / "train" / "metrics.jsonl"))
     if row["success"] is not None and base.get("success") is not None:
         row["success_delta"] = row["success"] - base["success"]
     return row
+
+
+def displacement(metrics: Path) -> dict:
+    """Likelihood displacement at the end of a cell's training: the per-token log-prob change since step 0 of
+    the training probe's chosen and rejected answers and of unseen answers sampled from π_0 (train/dynamics.py;
+    the last row of metrics.jsonl that carries them). Empty when the cell ran without dynamics."""
+    keys = {"chosen_logp_delta": "dynamics/chosen_token_logp_delta",
+            "rejected_logp_delta": "dynamics/rejected_token_logp_delta",
+            "unseen_logp_delta": "dynamics/unseen_token_logp_delta"}
+    last: dict = {}
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            if keys["chosen_logp_delta"] in row:
+                last = row
+    return {k: last.get(v) for k, v in keys.items()} if last else {}
 
 
 def base_row(task: str, seed: int, ev: dict, shared_seconds: float | None) -> dict:
@@ -127,7 +146,8 @@ def _num(v, digits=2, signed=False) -> str:
 
 MD_HEAD = ("| task | seed | objective | beta | lr | success % (95% CI) | Δ vs π_0 (pts) | win % vs π_0 | judge score | "
            "KL to π_0 | "
-           "words | tokens | EOS % | fluency NLL | greedy % | pairs | steps | train s | wall s |")
+           "words | tokens | EOS % | fluency NLL | greedy % | Δ logp/tok chosen | rejected | unseen | pairs | steps | "
+           "train s | wall s |")
 
 
 def _lr(v) -> str:
@@ -143,7 +163,9 @@ def _md_row(r: dict) -> str:
             f"{_pct(r.get('winrate_base'))} | "
             f"{_num(r.get('judge_score'), 3)} | {_num(r.get('kl'))} | {_num(r.get('len_words'), 1)} | "
             f"{_num(r.get('len_tokens'), 1)} | {_pct(r.get('eos_rate'))} | {_num(r.get('fluency_nll'), 3)} | "
-            f"{_pct(r.get('greedy_success'))} | {_num(r.get('pairs'), 0)} | {_num(r.get('steps'), 0)} | "
+            f"{_pct(r.get('greedy_success'))} | {_num(r.get('chosen_logp_delta'), 2, True)} | "
+            f"{_num(r.get('rejected_logp_delta'), 2, True)} | {_num(r.get('unseen_logp_delta'), 2, True)} | "
+            f"{_num(r.get('pairs'), 0)} | {_num(r.get('steps'), 0)} | "
             f"{_num(r.get('train_seconds'), 0)} | {_num(r.get('wall_seconds'), 0)} |")
 
 
@@ -190,7 +212,11 @@ def to_markdown(cfg: CompareConfig, rows: list[dict], means: list[dict]) -> str:
               "π_0: mean "
               "over the sampled answers of log π(y) − log π_0(y); words/tokens: mean answer length; EOS: share of "
               "answers that ended before max_new_tokens; fluency NLL: mean per-token NLL of the answers' text "
-              "under π_0 (lower reads more natural); greedy: success of the greedy answers; train s / wall s: the "
+              "under π_0 (lower reads more natural); greedy: success of the greedy answers; Δ logp/tok: change "
+              "since step 0, at the end of training, of "
+              "the mean per-token log-prob of a fixed probe of training pairs' chosen and rejected answers and of "
+              "unseen answers sampled from π_0 (likelihood displacement when chosen < 0; docs/dynamics.md); "
+              "train s / wall s: the "
               "cell's own training / training + evaluation seconds (π_0's row: its group's shared sampling and "
               "judging, done once). docs/compare.md explains each column.", ""]
     return "\n".join(parts)

@@ -46,6 +46,10 @@ class OnlineConfig(BaseModel):
     k: int | None = Field(None, ge=2, description="samples per prompt (default 4; online_dpo 2)")
     temperature: float | None = Field(None, gt=0, description="sampling temperature (default 0.8)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (default 0.95)")
+    dynamics: bool = Field(
+        False, description="training-dynamics metrics (likelihood displacement of a fixed probe and of unseen "
+        "answers, dL/dlogp, gradient ratio; docs/dynamics.md) in each iteration's metrics.jsonl: about one "
+        "training step of setup per iteration, so off unless asked (compare cells turn it on)")
     max_new_tokens: int | None = Field(
         None, gt=0, description="longest sampled response (a cut response is not an answer); default: the task's "
         "answer length (word_limit 32, keyword/json_object/two_sentences 48, arithmetic 64)")

@@ -576,7 +576,7 @@ class OnlineRun:
             epochs=cfg.resolved("epochs"), max_steps=steps_override, batch_size=cfg.batch_size,
             grad_accum=cfg.grad_accum, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
             seed=cfg.seed + t, reference="precompute", progress=cfg.progress, plot=cfg.plot, save_model=False,
-            warmup_ratio=cfg.warmup_ratio, precision=cfg.precision, length_grouping=False,
+            warmup_ratio=cfg.warmup_ratio, precision=cfg.precision, length_grouping=False, dynamics=cfg.dynamics,
         )
 
     def train_phase(self, it: IterationDir, t: int, gens) -> None:

@@ -102,6 +102,11 @@ def test_grid_writes_table_plots_leaderboard_and_cells_share_pairs(grid):
             m["eval"]["success"], m["eval"]["kl_ref"], m["eval"]["len_words"], m["eval"]["eos_rate"])
         assert r["success_delta"] == pytest.approx(m["eval"]["success"] - base["success"])
         assert r["pairs"] == m["build"]["pairs"] and r["steps"] == m["train"]["steps"]
+        # compare cells log training dynamics; the row holds the last row's per-token displacement
+        last = [json.loads(x) for x in (_cell(out, name) / "iter_01" / "train" / "metrics.jsonl").read_text()
+                .splitlines() if "dynamics/chosen_token_logp_delta" in x][-1]
+        assert r["chosen_logp_delta"] == last["dynamics/chosen_token_logp_delta"]
+        assert r["unseen_logp_delta"] == last["dynamics/unseen_token_logp_delta"]
     assert rows["dpo"]["beta"] == 0.1 and rows["simpo"]["beta"] == 2.0  # registry defaults
     means = {r["variant"]: r for r in table["means"]}
     assert means["dpo"]["success"] == rows["dpo"]["success"] and means["dpo"]["seeds"] == 1
