@@ -220,7 +220,16 @@ def run_preftune(job: dict) -> dict:
         times.append(time.perf_counter() - t)
         runner.step += 1
         first = first or metrics
+    profile = None
+    if job.get("profile"):  # after the timed steps, so compilation and first-touch costs are not in it
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            runner.train_step()
+        profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
     return {
+        "profile": profile,
         "times": times[job["warmup"] :],
         "loss0": first.get("loss"),
         "logps_chosen0": first.get("logps/chosen"),
@@ -319,6 +328,7 @@ def summarise(job: dict, res: dict, n_params: int, rates: dict) -> dict:
         "logps_rejected0": res.get("logps_rejected0"),
         "prefix_sharing": res.get("prefix_sharing"),
         "engine": res.get("engine"),
+        **({"profile": res["profile"]} if res.get("profile") else {}),
     }
 
 
@@ -398,6 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps (median reported)")
     ap.add_argument("--repeats", type=int, default=1, help="run the grid this many times, alternating the order")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every run")
+    ap.add_argument("--profile", action="store_true",
+                    help="preftune configurations: one more step under torch.profiler after the timed ones; its "
+                    "top operators (self CPU time) go to the results as 'profile'")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per configuration run")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"), help="JSON results file")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks.png"), help="PNG plot (empty: none)")
@@ -449,6 +462,7 @@ def grid(a: argparse.Namespace) -> list[dict]:
                     "steps": a.steps,
                     "threads": a.threads,
                     "logits_chunk": a.logits_chunk,
+                    "profile": a.profile,
                 }
             )
     return jobs
