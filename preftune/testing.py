@@ -70,8 +70,11 @@ def write_unpaired_jsonl(path: str | Path, n: int = 16, seed: int = 0) -> Path:
     return _write_jsonl(path, rows)
 
 
-def write_scored_lists_jsonl(path: str | Path, n: int = 16, k: int = 4, seed: int = 0) -> Path:
-    """``prompt/responses/scores`` rows with ``k`` responses and distinct scores in [0, 1]."""
+def write_scored_lists_jsonl(
+    path: str | Path, n: int = 16, k: int = 4, seed: int = 0, sample_logps: bool = False
+) -> Path:
+    """``prompt/responses/scores`` rows with ``k`` responses and distinct scores in [0, 1]; with ``sample_logps``
+    also BRAIn's ``proposal_logps`` and ``prior_logps`` (made-up sequence log-probs in [−30, −5])."""
     import random
 
     rng = random.Random(seed)
@@ -81,6 +84,20 @@ def write_scored_lists_jsonl(path: str | Path, n: int = 16, k: int = 4, seed: in
         rows.append({"prompt": f"Question {i}: " + _text(rng, 3, 8, "?"),
                      "responses": [_text(rng, 2, 7, f" {j}.") for j in range(k)],
                      "scores": [s / 100 for s in scores]})
+        if sample_logps:
+            rows[-1]["proposal_logps"] = [-rng.uniform(5, 30) for _ in range(k)]
+            rows[-1]["prior_logps"] = [-rng.uniform(5, 30) for _ in range(k)]
+    return _write_jsonl(path, rows)
+
+
+def write_rationale_pairs_jsonl(path: str | Path, n: int = 16, seed: int = 0) -> Path:
+    """``prompt/chosen/rejected/rationale`` rows (RDPO / R-ORPO: a rationale per pair)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"prompt": f"Question {i}: " + _text(rng, 3, 8, "?"), "chosen": _text(rng, 2, 6),
+             "rejected": _text(rng, 2, 9, "!"), "rationale": "The first answer is better: " + _text(rng, 3, 8)}
+            for i in range(n)]
     return _write_jsonl(path, rows)
 
 
@@ -130,7 +147,10 @@ def write_data_for(name: str, folder: str | Path, n: int = 16, seed: int = 0) ->
     if obj.shape == "unpaired":
         return write_unpaired_jsonl(folder / "unpaired.jsonl", n, seed)
     if obj.shape == "listwise":
-        return write_scored_lists_jsonl(folder / "lists.jsonl", n, max(4, obj.min_responses), seed)
+        return write_scored_lists_jsonl(folder / "lists.jsonl", n, max(4, obj.min_responses), seed,
+                                        sample_logps="proposal_logps" in obj.inputs)
+    if "rationale_logps" in obj.inputs:
+        return write_rationale_pairs_jsonl(folder / "rationale_pairs.jsonl", n, seed)
     if set(obj.inputs) & set(PAIR_INPUT_COLUMNS):
         return write_pairs_with_inputs_jsonl(folder / "pairs_inputs.jsonl", n, seed)
     return write_pairs_jsonl(folder / "pairs.jsonl", n, seed)

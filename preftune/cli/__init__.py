@@ -475,3 +475,42 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+# ------------------------------------------------- data builders (owner: preftune/online/annotate.py) ---
+from preftune.online.annotate import BrainDataConfig, RationalesConfig  # noqa: E402  (pydantic only)
+
+data_app = typer.Typer(no_args_is_help=True, help="Build training data with a model: rationales, BRAIn samples.")
+app.add_typer(data_app, name="data")
+
+
+@config_command(data_app, "rationales", RationalesConfig, "data", "output", "model", "kind", "max_new_tokens",
+                "batch_size", "pair_strategy")
+def data_rationales_cmd(*, overrides: dict[str, Any]) -> None:
+    """Add a generated rationale to every preference pair (RDPO / R-ORPO data: `--loss rdpo_rationale`)."""
+    from preftune.online.annotate import annotate_rationales
+
+    with _user_errors():
+        cfg = RationalesConfig(**overrides)
+        path = annotate_rationales(cfg.data, cfg.output, cfg.model, kind=cfg.kind, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, pair_strategy=cfg.pair_strategy, log=typer.echo)
+    typer.echo(f"written: {path}")
+
+
+@config_command(data_app, "brain", BrainDataConfig, "prompts", "output", "model", "judge", "prior", "k",
+                "max_new_tokens", "seed", "batch_size", "max_length", "max_prompt_length", "chat_template")
+def data_brain_cmd(*, overrides: dict[str, Any]) -> None:
+    """Sample K responses per prompt (temperature 1), score them with a judge and record their log-probs under
+    the proposal and the prior (BRAIn data: `--loss brain`)."""
+    from preftune.online.annotate import sample_brain_data
+
+    with _user_errors():
+        cfg = BrainDataConfig(**overrides)
+        if cfg.judge is None:
+            raise ValueError("--judge is required: a pointwise judge of the samples (task:NAME or rm:PATH)")
+        opts = cfg.model_dump(exclude={"prompts", "output", "model", "judge"})
+        path = sample_brain_data(cfg.prompts, cfg.output, cfg.model, cfg.judge, log=typer.echo, **opts)
+    typer.echo(f"written: {path}")
+
+
+# --------------------------------------------------------------------------- end of data builders ---
+
+

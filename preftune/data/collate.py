@@ -27,6 +27,9 @@ class GroupBatch:
     inputs: dict[str, Tensor]  # (B, K) or (B,); float32, labels bool
     num_tokens: int  # unique tokens: each prompt once plus every response
     index: list[int]  # dataset positions of the groups (keys of cached reference log-probs)
+    # RDPO / R-ORPO: one (x_rat, rationale) sequence per group, scored by the policy beside the batch.
+    rationale_prompt_ids: list[list[int]] | None = None
+    rationale_ids: list[list[int]] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -77,6 +80,10 @@ def collate(examples: list[TokenizedExample], num_responses: int | None = None) 
                 f"({e.source}:{e.line})"
             )
     inputs = {n: _input_tensor(n, [e.inputs[n] for e in examples], k, valid) for n in sorted(names)}
+    with_rationale = [e.rationale_ids is not None for e in examples]
+    if any(with_rationale) and not all(with_rationale):
+        e = examples[with_rationale.index(False)]
+        raise ValueError(f"{e.source}:{e.line}: rationales: missing (other examples of the batch carry one)")
     return GroupBatch(
         prompt_ids=[list(e.prompt_ids) for e in examples],
         response_ids=[[list(r) for r in e.response_ids] + [[]] * (k - len(e.response_ids)) for e in examples],
@@ -84,6 +91,8 @@ def collate(examples: list[TokenizedExample], num_responses: int | None = None) 
         inputs=inputs,
         num_tokens=sum(e.num_tokens for e in examples),
         index=[e.index for e in examples],
+        rationale_prompt_ids=[list(e.rationale_prompt_ids) for e in examples] if all(with_rationale) else None,
+        rationale_ids=[list(e.rationale_ids) for e in examples] if all(with_rationale) else None,
     )
 
 

@@ -28,6 +28,7 @@ class Example:
     inputs: dict[str, Any] = field(default_factory=dict)  # name -> [one per response] or a number
     source: str = "<memory>"
     line: int = 0
+    rationale: Text | None = None  # RDPO / R-ORPO: why responses[0] beats responses[1] (METHODS.md §M3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +132,9 @@ def _select(record: PreferenceRecord, idx: list[int]) -> Example:
         inputs["labels"] = [bool(record.labels[i]) for i in idx]
     if record.margin_rewards is not None:  # (K, n−1) per example → (B, K, n−1) after collation
         inputs["margin_rewards"] = [[float(x) for x in record.margin_rewards[i]] for i in idx]
+    for key in ("proposal_logps", "prior_logps"):  # BRAIn's sampling-time log-probs, one per response
+        if getattr(record, key) is not None:
+            inputs[key] = [float(getattr(record, key)[i]) for i in idx]
     for key, value in record.attributes.items():
         if isinstance(value, list):
             if len(value) == k:  # one number per response; other lists are not inputs
@@ -162,7 +166,15 @@ def to_pairs(
         pairs, issue = record_pairs(record, pair_strategy)
         if issue is not None:
             issues.append(issue)
-        out.extend(_select(record, [w, l]) for w, l in pairs)
+        if record.rationales is not None and len(record.rationales) != len(pairs) and pairs:
+            issues.append(DataIssue(record.source, record.line, record.field_name("rationales"),
+                                    f"{len(record.rationales)} rationale(s) for the {len(pairs)} pairs that "
+                                    f"pair_strategy={pair_strategy} derives: give explicit pairs", kind="shape"))
+            continue
+        for j, (w, l) in enumerate(pairs):
+            ex = _select(record, [w, l])
+            ex.rationale = record.rationales[j] if record.rationales is not None else None
+            out.append(ex)
     _finish(issues, own)
     return out
 

@@ -499,14 +499,17 @@ def detect_layout(keys: Iterable[str], source: str = "<data>") -> Layout:
 
 
 # Record fields any layout may carry under their own names (responses in the layout's order: chosen, rejected).
-RECORD_COLUMNS = ("margin_rewards", "objective_names")
+RECORD_COLUMNS = ("margin_rewards", "objective_names", "rationales", "proposal_logps", "prior_logps")
 
 
 def row_to_record(row: dict, layout: Layout, source: str, line: int) -> PreferenceRecord:
     """Map one raw row onto a record; numeric columns the layout does not read become attributes."""
     fields = layout.convert(row)
     fields |= {k: row[k] for k in RECORD_COLUMNS if k in row}
-    consumed = set(layout.consumes) | set(fields.pop("consumed", ())) | set(RECORD_COLUMNS)
+    if "rationale" in row and "rationales" not in row:  # one pair's rationale (the released data sets' column)
+        fields["rationales"] = [row["rationale"]]
+        fields["origin"] = {**fields.get("origin", {}), "rationales": "rationale", "rationales[0]": "rationale"}
+    consumed = set(layout.consumes) | set(fields.pop("consumed", ())) | set(RECORD_COLUMNS) | {"rationale"}
     attributes = {k: v for k, v in row.items() if k not in consumed and _numeric(v)}
     return PreferenceRecord(**fields, attributes=attributes, source=source, line=line)
 

@@ -38,6 +38,13 @@ class PreferenceRecord:
     # count in every record; ``objective_names`` names those columns (dataset-level: equal on every record).
     margin_rewards: list[list[float]] | None = None
     objective_names: list[str] | None = None
+    # RDPO / R-ORPO (METHODS.md §M3): one rationale per pair (why the winner is preferred), aligned with ``pairs``,
+    # or a single one for a record whose one pair is derived (a prompt/chosen/rejected row's ``rationale``).
+    rationales: list[Text] | None = None
+    # BRAIn (METHODS.md §M6): per response, the summed log-prob under the proposal q that sampled it and under
+    # the prior p (the SFT model), both recorded at sampling time.
+    proposal_logps: list[float] | None = None
+    prior_logps: list[float] | None = None
     # Extra numeric columns: a number per record, or a list with one number per response
     # (HelpSteer2's other ratings, win probabilities, judge scores...). Derivation carries them
     # into ``Example.inputs`` under the same key.

@@ -34,6 +34,9 @@ class TokenizedExample:
     index: int = -1  # position in the dataset (the key of cached reference log-probs)
     prompt_truncated: bool = False
     responses_truncated: int = 0  # how many responses lost tokens to max_length
+    # RDPO / R-ORPO: the rationale prompt x_rat and the rationale, a third sequence the policy scores.
+    rationale_prompt_ids: list[int] | None = None
+    rationale_ids: list[int] | None = None
 
     @property
     def truncated(self) -> bool:
@@ -41,8 +44,9 @@ class TokenizedExample:
 
     @property
     def num_tokens(self) -> int:
-        """Unique tokens: the prompt once plus every response."""
-        return len(self.prompt_ids) + sum(len(r) for r in self.response_ids)
+        """Unique tokens: the prompt once plus every response (and the rationale sequence, when there is one)."""
+        side = len(self.rationale_prompt_ids) + len(self.rationale_ids) if self.rationale_ids is not None else 0
+        return len(self.prompt_ids) + sum(len(r) for r in self.response_ids) + side
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ def tokenize_example(
     truncation_mode: TruncationMode = "keep_end",
     chat_template: ChatTemplateMode = "auto",
     add_eos: bool = True,
+    rationale_template: str | None = None,
+    rationale_order: str = "chosen_first",
 ) -> TokenizedExample:
     """Token ids with ``prompt_ids + response_ids[k] == tokenize(full text k)`` before truncation.
 
@@ -138,6 +144,8 @@ def tokenize_example(
     (``keep_end``: the question nearest the answer) or its start (``keep_start``); then each
     response keeps its start so that prompt + response fits ``max_length``. ``add_eos`` appends
     the EOS id to plain-text responses that do not end with it (templates render their own).
+    An example with a ``rationale`` also gets (x_rat, rationale) ids, tokenised and truncated the same
+    way (``rationale_template``/``rationale_order``: preftune/data/rationales.py).
     """
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     rendered = render_example(example.prompt, example.responses, tokenizer, chat_template)
@@ -157,7 +165,7 @@ def tokenize_example(
         budget = max_length - len(prompt_ids)
         cut = sum(len(r) > budget for r in responses)
         responses = [r[:budget] for r in responses]
-    return TokenizedExample(
+    out = TokenizedExample(
         prompt_ids,
         responses,
         dict(example.inputs),
@@ -166,6 +174,14 @@ def tokenize_example(
         prompt_truncated=prompt_truncated,
         responses_truncated=cut,
     )
+    if getattr(example, "rationale", None) is not None:
+        from .rationales import tokenize_rationale
+
+        out.rationale_prompt_ids, out.rationale_ids, _ = tokenize_rationale(
+            example, tokenizer, template=rationale_template, order=rationale_order, chat_template=chat_template,
+            max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
+            add_eos=add_eos)
+    return out
 
 
 def tokenize_examples(examples: list[Example], tokenizer: Any, **kwargs: Any) -> list[TokenizedExample]:

@@ -241,16 +241,74 @@ def _check_margin_rewards(record: PreferenceRecord, k: int) -> list[Problem]:
     return problems
 
 
+def _check_rationales(record: PreferenceRecord) -> list[Problem]:
+    """RDPO / R-ORPO (METHODS.md §M3): one non-blank rationale per entry of ``pairs``; a record without explicit
+    pairs has one pair (chosen/rejected, or the best/worst derived one), so exactly one rationale."""
+    values = record.rationales
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        return [("rationales", f"expected a list with one rationale per pair, got {_type_name(values)}")]
+    if isinstance(record.pairs, list):
+        if len(values) != len(record.pairs):
+            return [("rationales", f"has {len(values)} rationale(s) for {len(record.pairs)} pair(s)")]
+    elif len(values) != 1:
+        return [("rationales", f"has {len(values)} rationales, but a record without explicit pairs has one pair: "
+                               "give one rationale, or `pairs` with one rationale each")]
+    problems: list[Problem] = []
+    for i, r in enumerate(values):
+        problems += _check_text(r, f"rationales[{i}]")
+    return problems
+
+
+def _check_sample_logps(record: PreferenceRecord, k: int) -> list[Problem]:
+    """BRAIn (METHODS.md §M6): ``proposal_logps`` / ``prior_logps``, one finite sequence log-probability (≤ 0) per
+    response; ``prior_logps`` only beside ``proposal_logps`` (without it the prior is the proposal)."""
+    problems: list[Problem] = []
+    for name in ("proposal_logps", "prior_logps"):
+        values = getattr(record, name)
+        if values is None:
+            continue
+        if not isinstance(values, list):
+            problems.append((name, f"expected a list with one log-probability per response, got {_type_name(values)}"))
+            continue
+        if len(values) != k:
+            problems.append((name, f"has {len(values)} values for {k} responses"))
+            continue
+        for i, v in enumerate(values):
+            if not is_finite_number(v):
+                problems.append((f"{name}[{i}]", f"expected a finite number (a summed log-probability), got {v!r}"))
+            elif v > 0:
+                problems.append((f"{name}[{i}]", f"{v} is positive: a sequence log-probability is at most 0"))
+    if record.prior_logps is not None and record.proposal_logps is None:
+        problems.append(("prior_logps", "given without proposal_logps (the log-probs of the sampling distribution)"))
+    return problems
+
+
+def _all_or_none(records: list[PreferenceRecord], names: tuple[str, ...]) -> dict[int, list[DataIssue]]:
+    """Fields that every record carries or none does (a batch cannot mix records with and without them)."""
+    out: dict[int, list[DataIssue]] = {}
+    for name in names:
+        first = next((r for r in records if getattr(r, name) is not None), None)
+        if first is None:
+            continue
+        for i, r in enumerate(records):
+            if getattr(r, name) is None:
+                out.setdefault(i, []).append(DataIssue(r.source, r.line, name, f"missing (the data's other records "
+                                                                             f"carry {name}, e.g. line {first.line})"))
+    return out
+
+
 def dataset_problems(records: list[PreferenceRecord]) -> dict[int, list[DataIssue]]:
     """Fields that must agree across the whole data set, by position of the record that disagrees: every record
     carries margin_rewards or none does, with the same number of columns as the first record that has them; a
     record may omit objective_names (the data set's names hold), one that gives them gives the same names."""
+    out = _all_or_none(records, ("rationales", "proposal_logps", "prior_logps"))
     first = next((r for r in records if r.margin_rewards is not None), None)
     if first is None:
-        return {}
+        return out
     width = len(first.margin_rewards[0])
     named = next((r for r in records if r.objective_names is not None), None)
-    out: dict[int, list[DataIssue]] = {}
     for i, r in enumerate(records):
         bad = []
         if r.margin_rewards is None:
@@ -264,7 +322,7 @@ def dataset_problems(records: list[PreferenceRecord]) -> dict[int, list[DataIssu
                                            f"{named.objective_names!r} (a data-set-level field: the same on every "
                                            "record)"))
         if bad:
-            out[i] = [DataIssue(r.source, r.line, r.field_name(path), msg) for path, msg in bad]
+            out.setdefault(i, []).extend(DataIssue(r.source, r.line, r.field_name(path), msg) for path, msg in bad)
     return out
 
 
@@ -294,6 +352,7 @@ def structural_problems(record: PreferenceRecord) -> list[Problem]:
     problems += _check_pairs(record.pairs, k)
     problems += _check_attributes(record.attributes)
     problems += _check_margin_rewards(record, k)
+    problems += _check_rationales(record) + _check_sample_logps(record, k)
     return problems
 
 

@@ -373,6 +373,86 @@ def adpo_list(policy: PolicyStats, ref: RefStats, tau: float = 0.8, beta_r: floa
 
 
 # --------------------------------------------------------------------------------------------------
+# BRAIn (METHODS.md §M6)
+
+BRAIN_INPUTS = ("scores", "proposal_logps", "prior_logps")
+
+
+@register(
+    "brain",
+    summary="BRAIn: distil the reward-conditioned posterior from K proposal samples by self-normalised "
+    "importance sampling, with a self-normalised baseline",
+    paper="BRAIn: Bayesian Reward-conditioned Amortized Inference for natural language generation from feedback",
+    arxiv="2402.02479",
+    shape="listwise",
+    reference="none",
+    hyperparameters={
+        "tau_r": Hyper(1.0, 0.0, None, low_open=True,
+                       help="τ_r: reward temperature of the posterior p(y|x)·exp(r/τ_r) [UNVERIFIED]"),
+        "beta_pi": Hyper(1.0, 0.0, None, low_open=True,
+                         help="β_π: scale of log π_θ − log q inside the baseline softmax ([preftune]; K = 2, hard "
+                         "target and q = π_ref give DPO with β = β_π)"),
+        "target": Hyper("soft", choices=("soft", "argmax"),
+                        help="soft: α = softmax(r/τ_r + log p − log q); argmax: one-hot on its largest entry "
+                        "(K = 2: DPO-sft)"),
+        "baseline": Hyper("self_normalised", choices=("self_normalised", "none"),
+                          help="self_normalised: −Σα·log softmax(β_π·(log π − log q)) (BRAIn); none: −Σα·β_π·"
+                          "(log π − log q), the baseline-free distribution-matching gradient (ablation)"),
+    },
+    inputs=BRAIN_INPUTS,
+    required_columns=("proposal_logps",),
+    notes="Listwise records: K samples of the proposal q per prompt with `scores` (rewards), `proposal_logps` "
+    "(log q(y|x), sequence sums recorded at sampling time: temperature 1, no top-k/top-p) and optionally "
+    "`prior_logps` (log p(y|x), the SFT prior; absent: p = q). No reference model. Logs the effective sample "
+    "size 1/Σα² of the target weights.",
+)
+def brain(
+    policy: PolicyStats,
+    ref: RefStats | None = None,
+    tau_r: float = 1.0,
+    beta_pi: float = 1.0,
+    target: str = "soft",
+    baseline: str = "self_normalised",
+) -> LossOutput:
+    """BRAIn (Pandey et al., ICML 2024, arXiv 2402.02479); METHODS.md §M6(b).
+
+    For the K valid samples y_i ~ q(·|x) with rewards r_i:
+      α_i = softmax_i(r_i/τ_r + log p(y_i) − log q(y_i))          (target weights, no gradient)
+      s_i = β_π·(log π_θ(y_i) − log q(y_i)),  b_i = softmax_i(s_i)   (self-normalised baseline weights)
+      L = −Σ_i α_i·log b_i;  ∇L = −Σ_i (α_i − b_i)·∇s_i.
+    ``target='argmax'``: α one-hot at the largest α-logit (ties: first); with K = 2 and q = p = π_ref this
+    is −log σ(β_π·(ρ_w − ρ_l)), DPO-sft. ``baseline='none'``: L = −Σ_i α_i·s_i (no baseline).
+    Shapes: (B, K) + inputs (B, K) → (B,). Normalisation: sum (sequence log-probs).
+    """
+    valid = valid_mask(policy)
+    dtype = policy.logps.dtype
+    rewards = _scores(policy, valid, "brain")
+    for key in ("proposal_logps", "prior_logps"):
+        if key not in policy.inputs:
+            raise ValueError(f"objective 'brain' needs inputs['{key}'] (B, K): sequence log-probs recorded when "
+                             "sampling (prior_logps = proposal_logps when the proposal is the SFT model)")
+    log_q = _clean(policy.inputs["proposal_logps"].to(dtype), valid).detach()
+    log_p = _clean(policy.inputs["prior_logps"].to(dtype), valid).detach()
+    a_logits = rewards / tau_r + log_p - log_q  # (B, K)
+    if target == "argmax":
+        lowest = torch.finfo(dtype).min
+        best = torch.where(valid, a_logits, torch.full_like(a_logits, lowest)).argmax(-1, keepdim=True)
+        alpha = torch.zeros_like(a_logits).scatter(-1, best, 1.0)
+    else:
+        alpha = masked_log_softmax(a_logits, valid).exp()
+    alpha = _clean(alpha, valid).detach()
+    s = beta_pi * (_clean(policy.logps, valid) - log_q)  # (B, K)
+    if baseline == "self_normalised":
+        losses = -(alpha * masked_log_softmax(s, valid)).sum(-1)
+    else:
+        losses = -(alpha * _clean(s, valid)).sum(-1)
+    ess = 1.0 / (alpha**2).sum(-1).clamp(min=torch.finfo(dtype).tiny)
+    best, worst = _best_worst(s, a_logits.detach(), valid)
+    entropy = -(alpha * torch.log(torch.where(alpha > 0, alpha, torch.ones_like(alpha)))).sum(-1)
+    return loss_output(losses, best, worst, effective_sample_size=ess, target_entropy=entropy)
+
+
+# --------------------------------------------------------------------------------------------------
 # Curry-DPO: pair construction and curriculum (the per-pair loss is DPO)
 
 

@@ -198,6 +198,7 @@ def _load_all() -> None:
         diffusion,
         listwise,
         pairwise,
+        rationale,
         reference_free,
         reward,
         selfplay,

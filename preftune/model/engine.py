@@ -255,6 +255,86 @@ def _pack_shared(prompt_ids, response_ids, pad_id, K):
     return ids, mask[:, None], pos_ids, pick(r_rows), pick(r_pos), pick(r_tok), pick(r_slot), pick(r_idx)
 
 
+# ------------------------------------------------------------------ side sequences (RDPO's rationales)
+
+
+def pack_side(prompt_ids: list[list[int]], side_ids: list[list[int]], pad_id: int, device=None) -> PackedBatch:
+    """One extra sequence per group, ``prompt_ids[b] + side_ids[b]``, as B groups of one response (unshared
+    rows): the rationale of each pair after its rationale prompt x_rat (METHODS.md §M3)."""
+    return pack(prompt_ids, [[r] for r in side_ids], pad_id, device=device)
+
+
+def _pad_cols(x: Tensor, width: int, value: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=value)
+
+
+def _block_mask(p: PackedBatch, width: int) -> Tensor:
+    """(N, 1, width, width) bool: ``p``'s attention as a 4D mask; padding positions attend only to themselves
+    (as in ``_pack_shared``), so no softmax row is empty."""
+    n, length = p.input_ids.shape
+    dev = p.input_ids.device
+    if p.shared:
+        inner = p.attention_mask.bool()
+    else:  # right-padded causal rows: real tokens see the real tokens before them
+        real = p.attention_mask.bool()  # (N, L)
+        causal = torch.ones(length, length, dtype=torch.bool, device=dev).tril()
+        inner = (causal[None] & real[:, None, :] & real[:, :, None])[:, None]
+    eye = torch.eye(width, dtype=torch.bool, device=dev)
+    out = eye.expand(n, 1, width, width).clone()
+    out[:, :, :length, :length] |= inner
+    return out
+
+
+def _positions(p: PackedBatch, width: int) -> Tensor:
+    if p.shared:
+        return _pad_cols(p.position_ids, width, 0)
+    n, _ = p.input_ids.shape
+    return torch.arange(width, device=p.input_ids.device).expand(n, width).clone()  # HF's default for unshared rows
+
+
+def with_side(main: PackedBatch, side: PackedBatch, pad_id: int) -> PackedBatch:
+    """``main`` and ``side`` in one forward: ``main``'s rows, positions and token order unchanged, ``side``'s rows
+    after them (so anything that re-packs the batch, e.g. training dynamics, still finds its tokens), its groups
+    numbered after ``main``'s. A prefix-shared ``main`` turns ``side``'s rows into the same 4D block-mask form."""
+    if side.K > main.K:
+        raise ValueError(f"side sequences have {side.K} responses per group, more than the batch's {main.K}")
+    width = max(main.input_ids.shape[1], side.input_ids.shape[1])
+    ids = torch.cat([_pad_cols(main.input_ids, width, pad_id), _pad_cols(side.input_ids, width, pad_id)])
+    if main.shared or side.shared:
+        mask = torch.cat([_block_mask(main, width), _block_mask(side, width)])
+        positions = torch.cat([_positions(main, width), _positions(side, width)])
+    else:
+        mask = torch.cat([_pad_cols(main.attention_mask, width, 0), _pad_cols(side.attention_mask, width, 0)])
+        positions = None
+    K, rows = main.K, main.input_ids.shape[0]
+    side_slot = (main.B + side.token_slot // side.K) * K + side.token_slot % side.K
+    grow = lambda t: torch.cat([t, t.new_zeros(t.shape[0], K - t.shape[1])], 1)  # noqa: E731  (B_side, K)
+    return PackedBatch(
+        ids, mask,
+        torch.cat([main.pred_rows, side.pred_rows + rows]),
+        torch.cat([main.pred_pos, side.pred_pos]),
+        torch.cat([main.pred_tokens, side.pred_tokens]),
+        torch.cat([main.token_slot, side_slot]),
+        torch.cat([main.token_index, side.token_index]),
+        main.B + side.B, K, max(main.T, side.T),
+        torch.cat([main.lengths, grow(side.lengths)]),
+        torch.cat([main.valid, grow(side.valid)]),
+        positions,
+    )
+
+
+def split_side(
+    main: PackedBatch, side: PackedBatch, out: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The engine's output on ``with_side(main, side)`` → (``main``'s output, as if run alone; (B,) summed side
+    log-probs; (B,) side token counts). Per-token outputs are (M_main + M_side,): ``main``'s tokens come first."""
+    m, total = main.pred_tokens.numel(), main.pred_tokens.numel() + side.pred_tokens.numel()
+    main_out = {k: v[:m] if v.dim() and v.shape[0] == total else v for k, v in out.items()}
+    flat = out["token_logps"]
+    logps, _, _ = scatter_stats(side, flat[m:], False)  # (B, 1)
+    return main_out, logps[:, 0], side.lengths[:, 0].to(device=flat.device, dtype=flat.dtype)
+
+
 def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, post) -> Tensor:
     logits = torch.nn.functional.linear(hidden, weight, bias)
     logits = _at_least_fp32(post(logits))  # (C, V): log-softmax in float32 even under bf16

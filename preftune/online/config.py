@@ -46,6 +46,9 @@ class OnlineConfig(BaseModel):
     k: int | None = Field(None, ge=2, description="samples per prompt (default 4; online_dpo 2)")
     temperature: float | None = Field(None, gt=0, description="sampling temperature (default 0.8)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling (default 0.95)")
+    flip_pairs: float = Field(
+        0.0, ge=0, lt=1, description="swap chosen and rejected in this share of each iteration's pairs (seeded, "
+        "marked 'flipped' in train_input.jsonl): label noise at a known rate, for robustness studies")
     dynamics: bool = Field(
         False, description="training-dynamics metrics (likelihood displacement of a fixed probe and of unseen "
         "answers, dL/dlogp, gradient ratio; docs/dynamics.md) in each iteration's metrics.jsonl: about one "
@@ -126,6 +129,12 @@ class OnlineConfig(BaseModel):
     mcts_rejected: Literal["lowest", "second", "random"] = Field(
         "lowest", description="MCTS-DPO: rejected child: lowest Q (choose_worst), second highest, or random")
     mcts_min_q_gap: float = Field(0.0, ge=0, description="MCTS-DPO: keep pairs with Q_w − Q_l ≥ this")
+    dstc_tests: int | None = Field(None, ge=1, description="DSTC: test answers sampled per prompt (default k)")
+    dstc_seconds: float = Field(2.0, gt=0, description="DSTC: wall-time limit of one sandbox run (code + test)")
+    dstc_workers: int = Field(1, ge=1, description="DSTC: sandbox runs at once (each is one child process)")
+    unsafe_local_exec: bool = Field(
+        False, description="DSTC: run generated code even where the sandbox gets no network namespace (an audit "
+        "hook is then the only network guard)")
 
     # --- training (each iteration is a trainer run from the current iterate)
     loss: str | None = Field(None, description="registry objective (default: the algorithm's)")
@@ -194,6 +203,8 @@ class OnlineConfig(BaseModel):
         alg = self.algo()
         if alg.shape == "fast_slow" and not self.lora:
             raise ValueError("ofs_dpo trains two LoRA modules on one base: lora must be true")
+        if alg.shape == "code_tests" and self.task != "code":
+            raise ValueError(f"{alg.name} writes and runs code: it needs --task code (not {self.task!r})")
         if self.resolved("ref_mode") == "extrapolated" and alg.name != "apo":
             raise ValueError("ref_mode=extrapolated is APO's reference; use --algorithm apo")
         return self

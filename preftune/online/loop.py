@@ -312,6 +312,12 @@ class OnlineRun:
             tree_phases(self, it, t, done)
             if "train" not in done:
                 self.train_phase(it, t, None)
+        elif self.alg.shape == "code_tests":  # DSTC: codes × tests in the sandbox, code+test pairs (online/dstc.py)
+            from preftune.online.dstc import dstc_phases
+
+            dstc_phases(self, it, t, done)
+            if "train" not in done:
+                self.train_phase(it, t, None)
         else:
             self._init_logps = {}  # π_0 log-probs of this iteration's samples (tie_break=fluency)
             gens = self.sample_phase(it, t, done)
@@ -441,6 +447,7 @@ class OnlineRun:
                     r["win_probs"] = [wr[p.w], wr[p.l]]
                     r["pair_win_prob"] = j.P[p.w][p.l]
                 rows.append(r)
+        flipped = flip_labels(rows, self.cfg.flip_pairs, random.Random(f"flip-{self.cfg.seed}-{t}"))
         rows += self._replay(t)
         examples = self.examples(gens, rows)
         info = {"pairs": len(rows), "prompts_without_pair": ties, "ties_dropped": ties,
@@ -450,6 +457,8 @@ class OnlineRun:
         if rows and "win_probs" in self.alg.inputs:
             info["win_prob_w"] = _mean([r["win_probs"][0] for r in rows])
             info["win_prob_l"] = _mean([r["win_probs"][1] for r in rows])
+        if self.cfg.flip_pairs:
+            info["flipped"] = flipped
         if self.rule == "large_margin":
             for kind in ("S>S", "T>S", "S>T"):
                 info[f"pairs_{kind}"] = sum(r.get("kind") == kind for r in rows)
@@ -686,6 +695,18 @@ class OnlineRun:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def flip_labels(rows: list[dict], share: float, rng: random.Random) -> int:
+    """Swap chosen and rejected in exactly round(share · n) of ``rows`` (drawn by ``rng``, marked ``flipped``):
+    label noise at a known rate, for robustness studies (rDPO, cDPO). Returns how many were flipped."""
+    n = round(share * len(rows))
+    for r in (rows[i] for i in rng.sample(range(len(rows)), n)):
+        r["w"], r["l"], r["margin"], r["flipped"] = r["l"], r["w"], -r["margin"], True
+        if "win_probs" in r:
+            r["win_probs"] = r["win_probs"][::-1]
+            r["pair_win_prob"] = 1.0 - r["pair_win_prob"]
+    return n
 
 
 def _quiet(*args, **kwargs) -> None:

@@ -83,6 +83,16 @@ class TrainConfig(RunConfig):
     pair_strategy: Literal["best_worst", "all", "adjacent"] = Field(
         "best_worst", description="how pairs are built from scored or ranked lists"
     )
+    rationale_template: str | None = Field(
+        None,
+        description="RDPO/R-ORPO: the user turn x_rat before each pair's rationale, with {prompt}, {first} and "
+        "{second} (null: the released 'Response above / Response below' question, preftune/data/rationales.py)",
+    )
+    rationale_order: Literal["chosen_first", "random"] = Field(
+        "chosen_first",
+        description="RDPO/R-ORPO: chosen_first shows the chosen response first in x_rat (the released order); "
+        "random shows it second for about half the pairs (a fixed coin per pair) against a position shortcut",
+    )
     curriculum: Literal["off", "iterative", "sequential"] = Field(
         "off",
         description="Curry-DPO (arXiv 2403.07230) on lists of >= 3 scored or ranked responses, for a paired "

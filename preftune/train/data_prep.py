@@ -59,6 +59,9 @@ def _hint_needs(e, obj) -> None:
     if e.about_shape:
         e.args = (f"{e}\nobjective '{obj.name}' needs {obj.data_needs}",)
 
+    if "rationale_logps" not in obj.inputs:  # only RDPO / R-ORPO score rationales; others train on the pair alone
+        for e in examples:
+            e.rationale = None
 
 def check_inputs(examples, obj, source: str) -> None:
     """The objective's declared inputs must be present in the data (e.g. win_probs for SPPO)."""
@@ -80,6 +83,11 @@ def check_inputs(examples, obj, source: str) -> None:
 
 def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) -> TokenizedSet:
     """Token ids of every example. Already-tokenised groups (``TokenizedExample``: the online loop's
+    if "rationale_logps" in obj.inputs:  # RDPO / R-ORPO: a rationale per pair (data/rationales.py)
+        bare = [e for e in examples if getattr(e, "rationale", None) is None]
+        if bare:
+            raise ValueError(f"{bare[0].source}:{bare[0].line}: rationales: missing; objective '{obj.name}' needs a "
+                             f"rationale per pair ({len(bare)} of {len(examples)} pairs have none)")
     sampled token ids, which a re-tokenisation of their text need not reproduce) are kept as given."""
     from preftune.data import TokenizedExample, tokenize_examples, truncation_counts
 
@@ -100,6 +108,8 @@ def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) ->
 
 
 def prepare(cfg: TrainConfig, obj, tokenizer, train_examples=None, eval_examples=None, log=print):
+            rationale_template=getattr(cfg, "rationale_template", None),
+            rationale_order=getattr(cfg, "rationale_order", "chosen_first"),
     if train_examples is None:
         if cfg.data is None:
             raise ValueError("no training data: pass --data PATH (or data: in the config)")

@@ -27,6 +27,11 @@ margin_rewards     MODPO: (B, K, 0) when neither the data nor margin_models give
 terminal_reward    OREO: the trajectory reward R — a ``terminal_reward`` column, else ``scores``,
                    else the label (1 desirable / 0 undesirable).
 =================  ==========================================================================
+rationale_logps    RDPO / R-ORPO: ℓ_θ(r | x_rat) and the token count of each pair's rationale, scored
+rationale_lengths  by the policy in the same forward as the pair (loop.PolicyForward, model/engine.py
+                   with_side); records carry ``rationales``. Not a provider's work.
+prior_logps        BRAIn: the prior's log-probs; absent from the data, the prior is the proposal
+                   (``proposal_logps``: responses sampled from the SFT model itself).
 """
 
 from __future__ import annotations
@@ -148,6 +153,18 @@ def _no_margins(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
 def _terminal_reward(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     for key in ("scores", "labels"):
         if key in batch.inputs:
+def _engine_rationales(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    # The policy forward fills these when the batch carries rationales; reaching here means it had none.
+    raise ValueError("rationale_logps: the batch has no rationales (records need `rationales`, one per pair, or a "
+                     "`rationale` column)")
+
+
+def _prior_is_proposal(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    if "proposal_logps" not in policy.inputs:
+        raise ValueError("prior_logps defaults to proposal_logps, and the data has neither")
+    return {"prior_logps": policy.inputs["proposal_logps"]}
+
+
             return {"terminal_reward": batch.inputs[key].float().to(policy.logps.device)}
     raise ValueError("terminal_reward needs a terminal_reward, scores or label column")
 
@@ -203,6 +220,18 @@ _BY_KEY = {k: p for p in PROVIDERS for k in p.keys}
 
 
 def engine_keys() -> frozenset[str]:
+    Provider(
+        ("rationale_logps", "rationale_lengths"),
+        _engine_rationales,
+        "the policy's summed log-prob and token count of each pair's rationale after its rationale prompt x_rat, "
+        "scored in the policy forward (records carry `rationales`; data/rationales.py renders x_rat)",
+    ),
+    Provider(
+        ("prior_logps",),
+        _prior_is_proposal,
+        "a prior_logps field (log p(y|x) under the SFT prior, recorded when sampling); absent: the prior is the "
+        "proposal (prior_logps = proposal_logps)",
+    ),
     """Every input key the trainer can compute (the rest must come from the data)."""
     return frozenset(_BY_KEY)
 

@@ -38,6 +38,8 @@ COVERAGE = {
     "sem_dpo": {"parity", "property", "stability"},
     "adpo": {"parity", "property", "stability"},
     "modpo": {"golden", "parity", "property", "stability"},  # tests/losses/test_modpo.py
+    "rdpo_rationale": {"golden", "parity", "property", "stability"},  # tests/losses/test_rationale.py
+    "rorpo_rationale": {"golden", "parity", "property", "stability"},  # tests/losses/test_rationale.py
     "simpo": {"golden", "parity", "property", "stability", "trl"},
     "orpo": {"golden", "parity", "stability", "trl"},
     # Part B — tests/losses/test_reference_free.py
@@ -73,6 +75,7 @@ COVERAGE = {
     "exo_k": {"parity", "property", "stability"},
     "adpo_list": {"parity", "property", "stability"},
     # Part G — tests/losses/test_reward_losses.py
+    "brain": {"golden", "parity", "property", "stability"},  # tests/losses/test_brain.py
     "rm_bt": {"golden", "parity", "stability"},
     "rm_bt_margin": {"golden", "parity", "stability"},
     "rm_bt_scaled": {"golden", "parity", "stability"},

@@ -250,3 +250,31 @@ def test_demo_quick_runs_the_iterative_recipe(tmp_path):
     assert (settings["algorithm"], settings["loss"], settings["tie_break"], settings["ref_mode"]) == (
         "iterative_dpo", "dpo_nll", "fluency_sampled", "fixed")
     assert all("fluency" in json.loads(x) for x in (out / "iter_01" / "judgements.jsonl").read_text().splitlines())
+
+
+def test_flip_pairs_swaps_exactly_that_share_of_the_same_pairs(tmp_path, tiny_folder):
+    """flip_pairs=0.5: the same samples and pairs as an unflipped run, with chosen and rejected swapped in exactly
+    round(0.5 · n) of them (marked), drawn from the flip generator only, so nothing else moves."""
+    from preftune.online.loop import flip_labels
+
+    common = ["--model", tiny_folder, "--task", "tiny_letters", "--iterations", "1", *QUICK, "--set", "k=4",
+              "--set", "prompts_per_iteration=8"]
+    runs = {}
+    for share in ("0", "0.5"):
+        out = tmp_path / f"flip{share}"
+        _run([*common, "--output", str(out), "--set", f"flip_pairs={share}"])
+        runs[share] = [json.loads(x) for x in (out / "iter_01" / "train_input.jsonl").read_text().splitlines()]
+        assert (out / "iter_01" / "samples.jsonl").exists()
+    clean, noisy = runs["0"], runs["0.5"]
+    assert len(clean) == len(noisy) >= 4
+    flipped = [i for i, r in enumerate(noisy) if r.get("flipped")]
+    assert len(flipped) == round(0.5 * len(clean))
+    for i, (c, n) in enumerate(zip(clean, noisy, strict=True)):
+        want = (c["l"], c["w"], -c["margin"]) if i in flipped else (c["w"], c["l"], c["margin"])
+        assert (n["w"], n["l"], n["margin"]) == want and n["prompt"] == c["prompt"]
+    # the draw itself: the flip generator's sample of indices
+    import random
+
+    rows = [{"w": 0, "l": 1, "margin": 1.0} for _ in range(10)]
+    assert flip_labels(rows, 0.3, random.Random(7)) == 3
+    assert sorted(i for i, r in enumerate(rows) if r.get("flipped")) == sorted(random.Random(7).sample(range(10), 3))
