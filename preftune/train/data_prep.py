@@ -50,6 +50,9 @@ def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=p
     if not examples:
         raise ValueError(f"{path}: no usable examples for objective '{obj.name}', which needs {obj.data_needs}")
     check_inputs(examples, obj, path)
+    if "rationale_logps" not in obj.inputs:  # only RDPO / R-ORPO score rationales; others train on the pair alone
+        for e in examples:
+            e.rationale = None
     return examples
 
 
@@ -59,9 +62,6 @@ def _hint_needs(e, obj) -> None:
     if e.about_shape:
         e.args = (f"{e}\nobjective '{obj.name}' needs {obj.data_needs}",)
 
-    if "rationale_logps" not in obj.inputs:  # only RDPO / R-ORPO score rationales; others train on the pair alone
-        for e in examples:
-            e.rationale = None
 
 def check_inputs(examples, obj, source: str) -> None:
     """The objective's declared inputs must be present in the data (e.g. win_probs for SPPO)."""
@@ -74,6 +74,11 @@ def check_inputs(examples, obj, source: str) -> None:
             f"{source}: objective '{obj.name}' needs the column(s) {', '.join(missing)} "
             f"({obj.data_needs}); found: {', '.join(sorted(data_keys)) or 'none'}"
         )
+    if "rationale_logps" in obj.inputs:  # RDPO / R-ORPO: a rationale per pair (data/rationales.py)
+        bare = [e for e in examples if getattr(e, "rationale", None) is None]
+        if bare:
+            raise ValueError(f"{bare[0].source}:{bare[0].line}: rationales: missing; objective '{obj.name}' needs a "
+                             f"rationale per pair ({len(bare)} of {len(examples)} pairs have none)")
     if obj.shape == "listwise":
         too_few = [e for e in examples if len(e.responses) < obj.min_responses]
         if too_few:
@@ -83,11 +88,6 @@ def check_inputs(examples, obj, source: str) -> None:
 
 def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) -> TokenizedSet:
     """Token ids of every example. Already-tokenised groups (``TokenizedExample``: the online loop's
-    if "rationale_logps" in obj.inputs:  # RDPO / R-ORPO: a rationale per pair (data/rationales.py)
-        bare = [e for e in examples if getattr(e, "rationale", None) is None]
-        if bare:
-            raise ValueError(f"{bare[0].source}:{bare[0].line}: rationales: missing; objective '{obj.name}' needs a "
-                             f"rationale per pair ({len(bare)} of {len(examples)} pairs have none)")
     sampled token ids, which a re-tokenisation of their text need not reproduce) are kept as given."""
     from preftune.data import TokenizedExample, tokenize_examples, truncation_counts
 
@@ -99,6 +99,8 @@ def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) ->
         toks = tokenize_examples(
             examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
             truncation_mode=cfg.truncation_mode, chat_template=cfg.chat_template,
+            rationale_template=getattr(cfg, "rationale_template", None),
+            rationale_order=getattr(cfg, "rationale_order", "chosen_first"),
         )
     counts = truncation_counts(toks)
     if any(counts.values()):
@@ -108,8 +110,6 @@ def tokenize_all(examples, tokenizer, cfg: TrainConfig, name: str, log=print) ->
 
 
 def prepare(cfg: TrainConfig, obj, tokenizer, train_examples=None, eval_examples=None, log=print):
-            rationale_template=getattr(cfg, "rationale_template", None),
-            rationale_order=getattr(cfg, "rationale_order", "chosen_first"),
     if train_examples is None:
         if cfg.data is None:
             raise ValueError("no training data: pass --data PATH (or data: in the config)")

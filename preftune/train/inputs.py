@@ -24,14 +24,14 @@ token_rm_logps     TGDPO: per-token log-probs of the frozen token-level reward p
 values             OREO: V(s_t) at every response position from the frozen critic
                    ``TrainConfig.value_model`` (a token-classification model with one label).
 margin_rewards     MODPO: (B, K, 0) when neither the data nor margin_models give margin columns.
-terminal_reward    OREO: the trajectory reward R — a ``terminal_reward`` column, else ``scores``,
-                   else the label (1 desirable / 0 undesirable).
-=================  ==========================================================================
 rationale_logps    RDPO / R-ORPO: ℓ_θ(r | x_rat) and the token count of each pair's rationale, scored
 rationale_lengths  by the policy in the same forward as the pair (loop.PolicyForward, model/engine.py
                    with_side); records carry ``rationales``. Not a provider's work.
 prior_logps        BRAIn: the prior's log-probs; absent from the data, the prior is the proposal
                    (``proposal_logps``: responses sampled from the SFT model itself).
+terminal_reward    OREO: the trajectory reward R — a ``terminal_reward`` column, else ``scores``,
+                   else the label (1 desirable / 0 undesirable).
+=================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -150,9 +150,6 @@ def _no_margins(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     return {"margin_rewards": policy.logps.new_zeros(*policy.logps.shape, 0).detach()}
 
 
-def _terminal_reward(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
-    for key in ("scores", "labels"):
-        if key in batch.inputs:
 def _engine_rationales(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     # The policy forward fills these when the batch carries rationales; reaching here means it had none.
     raise ValueError("rationale_logps: the batch has no rationales (records need `rationales`, one per pair, or a "
@@ -165,6 +162,9 @@ def _prior_is_proposal(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     return {"prior_logps": policy.inputs["proposal_logps"]}
 
 
+def _terminal_reward(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    for key in ("scores", "labels"):
+        if key in batch.inputs:
             return {"terminal_reward": batch.inputs[key].float().to(policy.logps.device)}
     raise ValueError("terminal_reward needs a terminal_reward, scores or label column")
 
@@ -213,14 +213,6 @@ PROVIDERS: tuple[Provider, ...] = (
         "scored once before training (reward/margins.py); neither: no margin columns (MODPO = DPO)",
     ),
     Provider(
-        ("terminal_reward",), _terminal_reward, "a terminal_reward column, else scores, else the label as 1/0"
-    ),
-)
-_BY_KEY = {k: p for p in PROVIDERS for k in p.keys}
-
-
-def engine_keys() -> frozenset[str]:
-    Provider(
         ("rationale_logps", "rationale_lengths"),
         _engine_rationales,
         "the policy's summed log-prob and token count of each pair's rationale after its rationale prompt x_rat, "
@@ -232,6 +224,14 @@ def engine_keys() -> frozenset[str]:
         "a prior_logps field (log p(y|x) under the SFT prior, recorded when sampling); absent: the prior is the "
         "proposal (prior_logps = proposal_logps)",
     ),
+    Provider(
+        ("terminal_reward",), _terminal_reward, "a terminal_reward column, else scores, else the label as 1/0"
+    ),
+)
+_BY_KEY = {k: p for p in PROVIDERS for k in p.keys}
+
+
+def engine_keys() -> frozenset[str]:
     """Every input key the trainer can compute (the rest must come from the data)."""
     return frozenset(_BY_KEY)
 

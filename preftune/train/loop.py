@@ -202,6 +202,7 @@ class PolicyForward(Forward):
 
     def __call__(self, runner: Runner, dataset, indices: list[int], grad: bool) -> Micro:
         from preftune.data import collate
+        from preftune.model.engine import pack_side, split_side, with_side
 
         acc, engine = runner.acc, runner.base_engine
         batch = collate([dataset.examples[i] for i in indices])
@@ -210,6 +211,10 @@ class PolicyForward(Forward):
         extra = {}
         if self.ref_mode == "live" and self.obj.reference == "live_logits":
             extra = live_reference_inputs(engine, packed, self.ref_model, **self.reference_needs)
+        # RDPO/R-ORPO: each pair's (x_rat, rationale) rows join the same policy forward (model/engine.py with_side).
+        side = None
+        if "rationale_logps" in self.obj.inputs and batch.rationale_ids is not None:
+            side = pack_side(batch.rationale_prompt_ids, batch.rationale_ids, self.pad_id, device=acc.device)
         with torch.set_grad_enabled(grad), acc.autocast():
             out = runner.engine(**(packed if side is None else with_side(packed, side, self.pad_id)).tensors(), **extra)
         inputs = batch.inputs
@@ -218,7 +223,6 @@ class PolicyForward(Forward):
             inputs = {**inputs, "rationale_logps": r_logps, "rationale_lengths": r_lengths}
         policy, ref = policy_stats(packed, out, need_tokens=self.need_tokens, inputs=inputs)
         if ref is None and self.ref_mode != "none":
-        from preftune.model.engine import pack_side, split_side, with_side
             ref = self.reference_for(runner, dataset, indices, packed)
         policy.inputs.update(provide_inputs(runner, self.obj, batch, packed, policy, ref))  # train/inputs.py
         kwargs = dict(self.params)
@@ -227,10 +231,6 @@ class PolicyForward(Forward):
         result = self.obj.fn(policy.to(torch.float32), ref.to(torch.float32) if ref is not None else None, **kwargs)
         return Micro(result, policy, batch)
 
-        # RDPO/R-ORPO: each pair's (x_rat, rationale) rows join the same policy forward (model/engine.py with_side).
-        side = None
-        if "rationale_logps" in self.obj.inputs and batch.rationale_ids is not None:
-            side = pack_side(batch.rationale_prompt_ids, batch.rationale_ids, self.pad_id, device=acc.device)
     def reference_for(self, runner: Runner, dataset, indices: list[int], packed):
         if dataset.name in self.ref_caches:
             return self.ref_caches[dataset.name].batch(indices, packed.K, self.need_tokens, device=runner.acc.device)

@@ -74,8 +74,8 @@ COVERAGE = {
     "infonca_k": {"parity", "property", "stability"},
     "exo_k": {"parity", "property", "stability"},
     "adpo_list": {"parity", "property", "stability"},
-    # Part G — tests/losses/test_reward_losses.py
     "brain": {"golden", "parity", "property", "stability"},  # tests/losses/test_brain.py
+    # Part G — tests/losses/test_reward_losses.py
     "rm_bt": {"golden", "parity", "stability"},
     "rm_bt_margin": {"golden", "parity", "stability"},
     "rm_bt_scaled": {"golden", "parity", "stability"},
