@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RefMode = Literal["fixed", "previous", "extrapolated"]
-Shape = Literal["iterative", "per_step", "stages", "fast_slow", "tree"]
+Shape = Literal["iterative", "per_step", "stages", "fast_slow", "tree", "code_tests"]
 RULES = ("max_min", "max_random", "max_max", "random", "max_min_p", "all", "tournament", "large_margin")
 
 
@@ -129,6 +129,16 @@ _add(Algorithm(
     "reference solution) + ±1 outcome at terminal steps (YuxiXie/MCTS-DPO get_values); PUCT with the "
     "length-penalised step prior; pairs share prompt + taken steps (online/mcts.py). Needs a task with a "
     "reference solution (arithmetic).",
+))
+
+_add(Algorithm(
+    "dstc", "K codes and K tests per prompt from the policy, all-against-all in a sandbox; minimax pairs of code+test",
+    "DSTC: Direct Preference Learning with Only Self-Generated Tests and Code to Improve Code LMs", "2411.13611",
+    loss="dpo", ref_mode="fixed", rule="max_min", loss_params={"beta": 0.1}, shape="code_tests",
+    notes="Needs the code task. Pass matrix B_ij (code i + test j exits 0 in the sandbox, tasks/sandbox.py) in "
+    "pass_matrix.jsonl; chosen = the code passing most tests with the strictest test it passes, rejected = the "
+    "code passing fewest with the most-passed test it fails [UNVERIFIED]; each side is code and test in one "
+    "block. The hidden tests judge held-out answers only (online/dstc.py, docs/dstc.md).",
 ))
 
 

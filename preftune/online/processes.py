@@ -46,6 +46,7 @@ _SHAPES = {
     "in-memory model before each) is not tested under several processes",
     "tree": "--algorithm {alg} grows each prompt's search tree step by step on one process (online/mcts.py); "
     "the searches are not shared out between processes",
+    "code_tests": "--algorithm {alg} runs its codes against its tests in the sandbox on one process (online/dstc.py)",
 }
 
 

@@ -73,7 +73,7 @@ def register(task: Task) -> Task:
 
 
 def _load_builtins() -> None:
-    from preftune.tasks import arithmetic, json_object, keyword, two_sentences, word_limit  # noqa: F401 (registers)
+    from preftune.tasks import arithmetic, code, json_object, keyword, two_sentences, word_limit  # noqa: F401 (registers)
 
 
 def get_task(name: str) -> Task:
