@@ -45,6 +45,10 @@ class PreferenceRecord:
     # the prior p (the SFT model), both recorded at sampling time.
     proposal_logps: list[float] | None = None
     prior_logps: list[float] | None = None
+    # Who gave the preference (METHODS.md §0; PAL §M11, FSPO §M8): a string (or an integer id), one per record.
+    user_id: str | int | None = None
+    # The context / criterion each pair was judged under (METHODS.md §M12, CARM): one string per ``pairs`` entry.
+    pair_contexts: list[str] | None = None
     # Extra numeric columns: a number per record, or a list with one number per response
     # (HelpSteer2's other ratings, win probabilities, judge scores...). Derivation carries them
     # into ``Example.inputs`` under the same key.

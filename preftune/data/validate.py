@@ -241,6 +241,31 @@ def _check_margin_rewards(record: PreferenceRecord, k: int) -> list[Problem]:
     return problems
 
 
+def _check_user_and_contexts(record: PreferenceRecord) -> list[Problem]:
+    """``user_id`` (PAL, FSPO): a non-blank string or an integer. ``pair_contexts`` (CARM): one non-blank string
+    per entry of ``pairs`` (a prompt/chosen/rejected row has one pair), so it needs the record's explicit pairs."""
+    problems: list[Problem] = []
+    uid = record.user_id
+    if uid is not None and not (
+        (isinstance(uid, str) and uid.strip()) or (isinstance(uid, int) and not isinstance(uid, bool))
+    ):
+        problems.append(("user_id", f"expected a non-empty string or an integer id, got {uid!r}"))
+    contexts = record.pair_contexts
+    if contexts is None:
+        return problems
+    if not isinstance(contexts, list):
+        return problems + [("pair_contexts", f"expected a list with one context string per pair, got "
+                                             f"{_type_name(contexts)}")]
+    if not isinstance(record.pairs, list):
+        return problems + [("pair_contexts", "needs explicit pairs ([winner, loser] indices): one context per pair")]
+    if len(contexts) != len(record.pairs):
+        return problems + [("pair_contexts", f"has {len(contexts)} contexts for {len(record.pairs)} pair(s)")]
+    for i, c in enumerate(contexts):
+        if not (isinstance(c, str) and c.strip()):
+            problems.append((f"pair_contexts[{i}]", f"expected a non-empty string, got {c!r}"))
+    return problems
+
+
 def _check_rationales(record: PreferenceRecord) -> list[Problem]:
     """RDPO / R-ORPO (METHODS.md §M3): one non-blank rationale per entry of ``pairs``; a record without explicit
     pairs has one pair (chosen/rejected, or the best/worst derived one), so exactly one rationale."""
@@ -353,6 +378,7 @@ def structural_problems(record: PreferenceRecord) -> list[Problem]:
     problems += _check_attributes(record.attributes)
     problems += _check_margin_rewards(record, k)
     problems += _check_rationales(record) + _check_sample_logps(record, k)
+    problems += _check_user_and_contexts(record)
     return problems
 
 

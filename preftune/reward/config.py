@@ -13,12 +13,27 @@ from pydantic import Field, field_validator, model_validator
 
 from preftune.train.config import RunConfig
 
+# Reward objectives that live with their models in preftune/reward (PAL, CARM) rather than in the losses
+# registry, and the short names the CLI accepts for them (METHODS.md §M11, §M12).
+LOCAL_ALIASES = {"pal_a": "rm_pal_a", "pal_b": "rm_pal_b", "carm": "rm_carm"}
+
+
+def local_objectives() -> dict:
+    from preftune.reward import carm, pal
+
+    return {**pal.OBJECTIVES, carm.OBJECTIVE.name: carm.OBJECTIVE}
+
+
+def reward_objective_names() -> list[str]:
+    from preftune.losses import names
+
+    return sorted([*names(trains="reward_model"), *LOCAL_ALIASES.values()])
+
 
 def loss_help() -> str:
-    """Help text of the ``loss`` option, naming the registry's reward-model objectives (loads the registry)."""
-    from preftune.losses import choices_text
-
-    return f"{choices_text('reward_model')} (see `preftune losses`)"
+    """Help text of the ``loss`` option, naming the reward-model objectives (loads the registry)."""
+    found = reward_objective_names()
+    return f"{', '.join(found[:-1])} or {found[-1]} (pal_a, pal_b, carm: short names; see `preftune losses`)"
 
 
 class RewardConfig(RunConfig):
@@ -74,6 +89,25 @@ class RewardConfig(RunConfig):
         "(all: every ordered pair, as InstructGPT)",
     )
 
+    # --- PAL (rm_pal_a, rm_pal_b; METHODS.md §M11)
+    pal_prototypes: int = Field(2, ge=1, description="PAL: K, the number of prototypes users' weights mix")
+    pal_dim: int = Field(512, ge=1, description="PAL: d, the preference space of the 2-layer GELU projectors")
+    pal_ideal_point: Literal["f(Pw)", "Pw", "f(P)w"] = Field(
+        "f(Pw)", description="PAL-A: how prototypes P and weights w give the ideal point"
+    )
+    pal_head_lr: float = Field(1e-4, gt=0, description="PAL: learning rate of the projectors f, g_k (wd 0.01)")
+    pal_user_lr: float = Field(5e-3, gt=0, description="PAL: learning rate of the user weights W and prototypes P")
+    pal_scale_lr: float = Field(0.1, gt=0, description="PAL-B: learning rate of the logit scale")
+    freeze_backbone: bool = Field(
+        False, description="PAL: keep the backbone frozen (the paper's 'Tiny' setting); only the heads train"
+    )
+
+    # --- CARM (rm_carm; METHODS.md §M12)
+    context_template: str = Field(
+        "Evaluate the response according to: {context}",
+        description="CARM: how a pair's context is written in front of the prompt ({context} is replaced)",
+    )
+
     # --- tokenisation
     max_length: int = Field(512, gt=1, description="longest prompt + response in tokens")
     max_prompt_length: int = Field(256, gt=0, description="longest prompt in tokens (truncated first)")
@@ -107,9 +141,8 @@ class RewardConfig(RunConfig):
     @field_validator("loss")
     @classmethod
     def _reward_objective(cls, v: str) -> str:
-        from preftune.losses import names
-
-        if v not in names(trains="reward_model"):
+        v = LOCAL_ALIASES.get(v, v)
+        if v not in reward_objective_names():
             raise ValueError(f"{v!r} is not a reward-model objective; choose {loss_help()}")
         return v
 
@@ -125,6 +158,8 @@ class RewardConfig(RunConfig):
         self.objective().resolve(self.loss_hyperparameters())  # range check with the objective's name
         if self.gpm_dim % 2:
             raise ValueError(f"gpm_dim must be even (2k), got {self.gpm_dim}")
+        if "{context}" not in self.context_template:
+            raise ValueError("context_template must contain {context}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
         if self.reward_attribute is not None and self.reward_attribute not in self.attributes:
@@ -136,7 +171,8 @@ class RewardConfig(RunConfig):
     def objective(self):
         from preftune.losses import get
 
-        return get(self.loss)
+        local = local_objectives()
+        return local[self.loss] if self.loss in local else get(self.loss)
 
     def loss_hyperparameters(self) -> dict[str, Any]:
         params = dict(self.loss_params)
@@ -146,12 +182,14 @@ class RewardConfig(RunConfig):
 
     @property
     def kind(self) -> str:
-        """What the model outputs: ``bt`` (one reward), ``regression`` (one per attribute), ``gpm``."""
-        return {"rm_regression": "regression", "rm_gpm": "gpm"}.get(self.loss, "bt")
+        """What the model outputs: ``bt`` (one reward; also CARM), ``regression`` (one per attribute), ``gpm``,
+        ``pal_a`` / ``pal_b`` (per-user rewards from a PAL model, reward/pal.py)."""
+        return {"rm_regression": "regression", "rm_gpm": "gpm", "rm_pal_a": "pal_a", "rm_pal_b": "pal_b"}.get(
+            self.loss, "bt")
 
     @property
     def num_labels(self) -> int:
-        return {"bt": 1, "regression": len(self.attributes), "gpm": self.gpm_dim}[self.kind]
+        return {"regression": len(self.attributes), "gpm": self.gpm_dim}.get(self.kind, 1)
 
     @property
     def output_dir(self) -> Path:

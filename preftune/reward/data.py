@@ -16,8 +16,14 @@ from preftune.data import DataError, DataIssue, Example, PreferenceRecord
 from preftune.reward.config import RewardConfig
 
 
-def load_reward_examples(path: Any, cfg: RewardConfig, tokenizer, split=None, log=print) -> list[Example]:
-    """Read, validate (every problem with file, line and field) and derive the examples of ``cfg.loss``."""
+def load_reward_examples(
+    path: Any, cfg: RewardConfig, tokenizer, split=None, log=print, users: list[str] | None = None,
+    new_users: bool = True,
+) -> list[Example]:
+    """Read, validate (every problem with file, line and field) and derive the examples of ``cfg.loss``.
+
+    PAL: ``users`` is the user table being built (ids of the training data in order of appearance; eval data
+    with ``new_users=False`` must name known users). CARM: pair contexts rendered into the prompts."""
     if cfg.kind == "regression":
         return rated_examples(path, cfg, split=split, log=log)
     from preftune import data
@@ -33,6 +39,14 @@ def load_reward_examples(path: Any, cfg: RewardConfig, tokenizer, split=None, lo
     )
     if issues:
         log(f"skipped {len(issues)} problem(s) in {path} (--skip-invalid); first: {issues[0]}")
+    if cfg.kind in ("pal_a", "pal_b"):
+        from preftune.reward.pal import user_examples
+
+        return user_examples(records, users if users is not None else [], cfg.pair_strategy, new_users)
+    if cfg.loss == "rm_carm":
+        from preftune.reward.carm import context_examples
+
+        return context_examples(records, cfg.context_template, cfg.pair_strategy)
     examples = data.derive_examples(records, "paired", pair_strategy=cfg.pair_strategy)
     return _keep_inputs(examples, cfg.objective().required_columns, cfg.loss, cfg.skip_invalid, log)
 
@@ -137,16 +151,17 @@ def rated_examples(path: Any, cfg: RewardConfig, split=None, log=print) -> list[
 # ------------------------------------------------------------------------------------------ splits
 
 
-def prepare(cfg: RewardConfig, tokenizer, train_examples=None, eval_examples=None, log=print):
-    """(train TokenizedSet, eval TokenizedSet or None): the held-out split as the policy trainer makes it."""
+def prepare(cfg: RewardConfig, tokenizer, train_examples=None, eval_examples=None, log=print, users=None):
+    """(train TokenizedSet, eval TokenizedSet or None): the held-out split as the policy trainer makes it.
+    PAL: ``users`` (a list) receives the user table's ids."""
     from preftune.train.data_prep import tokenize_all
 
     if train_examples is None:
         if cfg.data is None:
             raise ValueError("no training data: pass --data PATH (or data: in the config)")
-        train_examples = load_reward_examples(cfg.data, cfg, tokenizer, split=cfg.split, log=log)
+        train_examples = load_reward_examples(cfg.data, cfg, tokenizer, split=cfg.split, log=log, users=users)
     if eval_examples is None and cfg.eval_data is not None:
-        eval_examples = load_reward_examples(cfg.eval_data, cfg, tokenizer, log=log)
+        eval_examples = load_reward_examples(cfg.eval_data, cfg, tokenizer, log=log, users=users, new_users=False)
     elif eval_examples is None and cfg.eval_fraction > 0 and len(train_examples) > 1:
         # Split by record, not by pair: the pairs of one prompt stay on one side (no leak into eval).
         keys = [(e.source, e.line) if e.line > 0 else ("<example>", i) for i, e in enumerate(train_examples)]
@@ -158,4 +173,8 @@ def prepare(cfg: RewardConfig, tokenizer, train_examples=None, eval_examples=Non
             train_examples = [e for e, k in zip(train_examples, keys, strict=True) if k not in held]
     train_set = tokenize_all(train_examples, tokenizer, cfg, "train", log)
     eval_set = tokenize_all(eval_examples, tokenizer, cfg, "eval", log) if eval_examples else None
+    if cfg.loss == "rm_carm" and eval_set is not None:  # eval/context_free_acc rescores on the bare prompts
+        from preftune.reward.carm import context_free_prompt_ids
+
+        eval_set.context_free_prompt_ids = context_free_prompt_ids(eval_examples, tokenizer, cfg)
     return train_set, eval_set

@@ -126,14 +126,24 @@ class TaskJudge(FunctionJudge):
 
 
 class RewardModelJudge(Judge):
-    """A trained reward model (BT / regression: scores and σ(r_a − r_b)) or GPM model (σ(s/τ) only)."""
+    """A trained reward model (BT / regression: scores and σ(r_a − r_b)) or GPM model (σ(s/τ) only).
 
-    def __init__(self, model: Any, name: str | None = None, batch_size: int = 8):
+    ``user_id``: a PAL model's user (reward/pal.py; None: the users' mean mixture). ``context``: the context a
+    CARM model judges under (reward/carm.py)."""
+
+    def __init__(self, model: Any, name: str | None = None, batch_size: int = 8, user_id: Any = None,
+                 context: str | None = None):
         if isinstance(model, (str, Path)):
             from preftune.reward.model import load_preference_model
 
             name = name or f"rm:{model}"
-            model = load_preference_model(model)
+            model = load_preference_model(model, user_id=user_id)
+        elif user_id is not None:
+            model.user_id = user_id
+        if context is not None:
+            if not hasattr(model, "context"):
+                raise ValueError(f"context={context!r}: {name or 'this model'} is not a context-aware reward model")
+            model.context = context
         self.rm, self.batch_size = model, batch_size
         self.name = name or f"rm:{model.kind}"
         self.pointwise = model.kind != "gpm"
@@ -289,8 +299,23 @@ class LLMJudge(Judge):
 # ------------------------------------------------------------------------------------ construction
 
 
+def _rm_options(arg: str) -> tuple[str, dict[str, str]]:
+    """``PATH?user_id=ID&context=TEXT`` → (PATH, options): a PAL user, a CARM context."""
+    from urllib.parse import parse_qsl
+
+    path, sep, query = arg.rpartition("?")
+    if not sep:
+        return arg, {}
+    opts = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(opts) - {"user_id", "context"})
+    if unknown:
+        raise ValueError(f"judge spec rm:{arg!r}: unknown option(s) {', '.join(unknown)} (user_id, context)")
+    return path, opts
+
+
 def make_judge(spec: str, **kwargs: Any) -> Judge:
-    """``task:NAME`` (built-in task), ``rm:PATH`` (reward / GPM model folder), ``llm:MODEL`` (chat model),
+    """``task:NAME`` (built-in task), ``rm:PATH`` (reward / GPM model folder; ``rm:PATH?user_id=ID`` a PAL
+    model's user, ``rm:PATH?context=TEXT`` a CARM model's context), ``llm:MODEL`` (chat model),
     ``lsc(JUDGE, JUDGE, ..., option=value)`` (pointwise judges combined by LSC, preftune.reward.lsc)."""
     if spec.strip().startswith("lsc("):
         from preftune.reward.lsc import make_lsc_judge
@@ -302,7 +327,8 @@ def make_judge(spec: str, **kwargs: Any) -> Judge:
     if kind == "task":
         return TaskJudge(arg, **kwargs)
     if kind == "rm":
-        return RewardModelJudge(arg, name=spec, **kwargs)
+        path, opts = _rm_options(arg)
+        return RewardModelJudge(path, name=spec, **{**opts, **kwargs})
     if kind == "llm":
         return LLMJudge(arg, name=spec, **kwargs)
     raise ValueError(f"judge spec {spec!r}: unknown kind {kind!r} (task, rm or llm)")

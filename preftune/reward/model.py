@@ -110,6 +110,8 @@ def describe(model, cfg) -> None:
         }
     if cfg.kind == "gpm":
         meta |= {"k": cfg.gpm_dim // 2, "tau": float(params["tau"]), "normalize": bool(params["normalize"])}
+    if cfg.loss == "rm_carm":  # a context-aware RM: judges render a context in front of the prompt the same way
+        meta |= {"context_template": cfg.context_template}
     setattr(model.config, META_KEY, meta)
 
 
@@ -181,6 +183,8 @@ class RewardModel:
             meta if meta is not None else getattr(model.config, META_KEY, None) or {"kind": "bt"}
         )
         self.kind = self.meta.get("kind", "bt")
+        # CARM: the context every prompt is judged under (reward/carm.py render_context); None: the bare prompt.
+        self.context: str | None = None
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device).eval()
         set_pad(self.model, tokenizer)
@@ -190,6 +194,10 @@ class RewardModel:
         from preftune.data import Example, tokenize_example
 
         m = self.meta
+        if self.context is not None:
+            from preftune.reward.carm import DEFAULT_TEMPLATE, render_context
+
+            prompt = render_context(prompt, self.context, m.get("context_template", DEFAULT_TEMPLATE))
         tok = tokenize_example(
             Example(prompt, [response]),
             self.tokenizer,
@@ -267,13 +275,23 @@ def _broadcast(prompts, n: int) -> list:
 
 
 def load_preference_model(
-    path: str | Path, *, device: str | None = None, dtype: str = "float32"
+    path: str | Path, *, device: str | None = None, dtype: str = "float32", user_id: Any = None
 ) -> RewardModel:
-    """Load a saved reward / preference model folder (or any HF seq-cls model: read as BT, one reward)."""
-    from transformers import AutoModelForSequenceClassification
+    """Load a saved reward / preference model folder (or any HF seq-cls model: read as BT, one reward).
+
+    A PAL folder (reward/pal.py) loads as a ``PALRewardModel`` scoring for ``user_id`` (None: the population
+    mean of the users' mixture weights)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from preftune.model import load_tokenizer, resolve_model
 
     source = resolve_model(path)
+    kind = (getattr(AutoConfig.from_pretrained(source), META_KEY, None) or {}).get("kind")
+    if kind in ("pal_a", "pal_b"):
+        from preftune.reward.pal import PALRewardModel, load_pal_model
+
+        return PALRewardModel(load_pal_model(source, dtype=dtype), load_tokenizer(source), user_id, device)
+    if user_id is not None:
+        raise ValueError(f"user_id={user_id!r}: {path} is not a PAL model (only PAL models score per user)")
     model = AutoModelForSequenceClassification.from_pretrained(source, dtype=getattr(torch, dtype))
     return RewardModel(model, load_tokenizer(source), device=device)

@@ -1,4 +1,5 @@
-"""Small synthetic preference sets: a cyclic (rock–paper–scissors) tournament, and word_limit pairs.
+"""Small synthetic preference sets: a cyclic (rock–paper–scissors) tournament, word_limit pairs, and two
+user groups who disagree (``two_group_pairs``: PAL and CARM, benchmarks/pluralistic.py).
 
 ``cyclic_pairs`` is a preference set no scalar reward can fit: every item beats the next ``(n−1)/2``
 items around a circle, so every item wins exactly half its comparisons. A Bradley–Terry model's
@@ -130,6 +131,69 @@ def word_limit_pairs(n: int = 160, seed: int = 0, heldout: bool = False) -> list
                     "rejected_score": jb.score,
                 }
             )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ two groups
+
+TOPICS = (
+    "tea", "rivers", "bicycles", "volcanoes", "owls", "bread", "chess", "glaciers", "kites", "bees", "maps",
+    "clocks", "deserts", "violins", "comets", "gardens", "trains", "coral", "paper", "lighthouses", "wolves",
+    "cheese", "bridges", "tides", "ink", "caves", "pianos", "salt", "islands", "lanterns", "moss", "rain",
+    "castles", "honey", "puzzles", "storms", "ferns", "canals", "mirrors", "whales", "orchards", "candles",
+    "marbles", "forests", "tunnels", "pottery", "sails", "meteors", "quilts", "harbors", "seeds", "thunder",
+    "windmills", "pebbles", "letters", "markets", "ladders", "snow", "mushrooms", "compasses",
+)
+GROUP_CONTEXTS = {"A": "user group A", "B": "user group B"}
+SIGN_OFF = " Hope this helps, friend!"
+
+
+def _two_answers(topic: str, kind: str, rng: random.Random) -> tuple[str, str]:
+    """(what group A prefers, what group B prefers) for one prompt."""
+    head = topic[0].upper() + topic[1:]
+    first = f"{head} are {rng.choice(['useful', 'common', 'old', 'popular', 'simple'])} in daily life."
+    if kind == "length":  # A: one short sentence; B: the same sentence and three more
+        more = " ".join(
+            f"{head} {rng.choice(['have', 'show', 'need', 'shape'])} "
+            + " ".join(rng.choice(_FILLER) for _ in range(rng.randint(6, 9))) + "."
+            for _ in range(3)
+        )
+        return first, f"{first} {more}"
+    if kind == "keyword":  # A: the answer with a friendly sign-off; B: the plain answer
+        return first + SIGN_OFF, first
+    raise ValueError(f"kind must be 'length' or 'keyword', got {kind!r}")
+
+
+def two_group_pairs(
+    n_prompts: int = 24, users_per_group: int = 3, kind: str = "length", seed: int = 0, heldout: bool = False,
+    new_user: str | None = None,
+) -> list[dict]:
+    """Pairs from two groups of users who disagree on every prompt (deterministic in ``seed``).
+
+    ``kind="length"``: group A prefers the short answer, group B the long one; ``"keyword"``: A prefers the
+    answer ending with a friendly sign-off, B the plain one. Every user labels the same pair of every prompt,
+    so each pair appears once per user with the label of the user's group: no single reward orders more than
+    half of them right, a model that knows the user can order all. Rows: prompt/chosen/rejected, ``user_id``
+    (``A0``, ``B2``, ...), ``group``, and ``pair_contexts`` (the group as CARM's context). Train prompts use
+    the first 40 topics, held-out ones (``heldout``) the other 20. ``new_user``: rows of one extra user of
+    group B named so (few-shot adaptation).
+    """
+    rng = random.Random(f"{seed}-{kind}-{heldout}")
+    topics = list(TOPICS[40:] if heldout else TOPICS[:40])
+    rng.shuffle(topics)
+    asks = ("Tell me about {t}.", "What should I know about {t}?", "Describe {t}.", "Explain {t} to me.")
+    prompts = [(rng.choice(asks).format(t=topics[i % len(topics)]), topics[i % len(topics)])
+               for i in range(n_prompts)]
+    users = [(f"{g}{i}", g) for g in "AB" for i in range(users_per_group)]
+    if new_user is not None:
+        users = [(new_user, "B")]
+    rows = []
+    for prompt, topic in prompts:
+        a, b = _two_answers(topic, kind, rng)
+        for uid, g in users:
+            chosen, rejected = (a, b) if g == "A" else (b, a)
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "user_id": uid, "group": g,
+                         "pair_contexts": [GROUP_CONTEXTS[g]]})
     return rows
 
 

@@ -62,7 +62,12 @@ class ScoreForward(Forward):
             out = runner.engine(ids, mask)  # (B·K, L)
         out = out.float().view(b, k, -1)  # (B, K, L)
         inputs = {n: t.to(out.device) for n, t in batch.inputs.items()}
-        return Micro(objective_output(self.cfg, self.obj, self.params, out, inputs), None, batch)
+        result = objective_output(self.cfg, self.obj, self.params, out, inputs)
+        if self.cfg.loss == "rm_carm" and not grad:  # eval/context_acc, eval/context_free_acc (reward/carm.py)
+            from preftune.reward.carm import add_context_metrics
+
+            add_context_metrics(self, runner, dataset, indices, result, out[..., 0])
+        return Micro(result, None, batch)
 
     def save_final(self, model, tokenizer, target: Path) -> None:
         from preftune.model import save_final
@@ -109,7 +114,11 @@ def build_reward_runner(
         from preftune.model import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
-    train_set, eval_set = reward_data.prepare(cfg, tokenizer, train_examples, eval_examples, log=acc.print)
+    users: list[str] = []  # PAL's user table, filled from the training data
+    train_set, eval_set = reward_data.prepare(cfg, tokenizer, train_examples, eval_examples, log=acc.print,
+                                              users=users)
+    if cfg.kind in ("pal_a", "pal_b"):
+        return _pal_runner(cfg, acc, tokenizer, train_set, eval_set, users, model)
     if model is None:
         model = build_reward_model(cfg, tokenizer)
     else:
@@ -128,6 +137,22 @@ def build_reward_runner(
         model = apply_reward_lora(model, cfg)
     open_output(cfg, acc, "reward_config.json")
     return Runner(cfg, ScoreForward(cfg, model), acc, tokenizer, train_set, eval_set)
+
+
+def _pal_runner(cfg, acc, tokenizer, train_set, eval_set, users, model) -> Runner:
+    """PAL (reward/pal.py): backbone + heads + user table; ``model`` may be a PALModel (library callers)."""
+    from preftune.reward import pal
+
+    if not users:  # examples passed in by a caller: the table is their user indices
+        users = [str(i) for i in range(1 + max(int(e.inputs["user_index"]) for e in train_set.examples))]
+    model = model if model is not None else pal.build_pal_model(cfg, tokenizer, users)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.lora and not cfg.freeze_backbone:
+        torch.manual_seed(cfg.seed)
+        model = pal.apply_backbone_lora(model, cfg)
+    open_output(cfg, acc, "reward_config.json")
+    return Runner(cfg, pal.PALForward(cfg, model), acc, tokenizer, train_set, eval_set)
 
 
 def train_reward(
