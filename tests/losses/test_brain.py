@@ -26,7 +26,8 @@ def run(policy, **overrides):
 
 def stats(log_pi, log_q, log_p=None, scores=R, valid=None):
     t = lambda x: torch.tensor([x], dtype=D)  # noqa: E731
-    p = PolicyStats(t(log_pi), torch.ones(1, len(log_pi), dtype=D), valid=None if valid is None else torch.tensor([valid]))
+    v = None if valid is None else torch.tensor([valid])
+    p = PolicyStats(t(log_pi), torch.ones(1, len(log_pi), dtype=D), valid=v)
     p.inputs = {"scores": t(scores), "proposal_logps": t(log_q), "prior_logps": t(log_q if log_p is None else log_p)}
     return p
 

@@ -267,7 +267,8 @@ def test_brain_samples_record_the_trainers_log_probs(models_root, tmp_path):
     from preftune.online.annotate import sample_brain_data
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Describe the sea {i} in at most 5 words."}) + "\n" for i in range(2)))
+    rows = [{"prompt": f"Describe the sea {i} in at most 5 words."} for i in range(2)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = load_model(str(models_root["policy"]))
     out = sample_brain_data(str(prompts), str(tmp_path / "brain.jsonl"), "tiny", "task:word_limit", k=3,
                             max_new_tokens=6, loaded=loaded, log=lambda m: None)
