@@ -287,7 +287,10 @@ class Sandbox:
         return res
 
     def run_many(self, sources: list[str]) -> list[RunResult]:
-        if self.workers == 1 or len(sources) < 2:
-            return [self.run(s) for s in sources]
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(self.run, sources))
+        unique = list(dict.fromkeys(sources))  # a source repeated in one call runs once, not once per thread
+        if self.workers == 1 or len(unique) < 2:
+            done = {s: self.run(s) for s in unique}
+        else:
+            with ThreadPoolExecutor(self.workers) as pool:
+                done = dict(zip(unique, pool.map(self.run, unique), strict=True))
+        return [done[s] for s in sources]
