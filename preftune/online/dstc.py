@@ -135,20 +135,20 @@ def pass_matrix(codes: list[str | None], tests: list[str | None], sandbox) -> tu
 
 
 def _sandbox(cfg):
-    from preftune.tasks.sandbox import Limits, Sandbox
+    from preftune.tasks import Limits, Sandbox
 
     return Sandbox(Limits(wall_seconds=cfg.dstc_seconds, memory_bytes=512 << 20,
                           unsafe_local_exec=cfg.unsafe_local_exec), workers=cfg.dstc_workers)
 
 
-def _extract(task_code, text: str, finished: bool, name: str, kind: str) -> str | None:
+def _extract(problem, text: str, finished: bool, kind: str) -> str | None:
     """The code (or the assert lines) of an answer; None when the answer is not usable."""
     if not finished:
         return None
-    block = task_code.extract_code(text)
+    block = problem.extract_code(text)
     if kind == "code":
-        return block if valid_code(block, name) else None
-    tests = task_code.assert_lines(block or "")
+        return block if valid_code(block, problem.name) else None
+    tests = problem.assert_lines(block or "")
     return tests if valid_test(tests) else None
 
 
@@ -158,18 +158,16 @@ def dstc_phases(run, it, t: int, done: set[str]) -> None:
     from preftune.data import Example
     from preftune.data.tokenize import tokenize_example
     from preftune.online.generate import generations_from_rows, generations_to_rows
-    from preftune.tasks import code as task_code
-
     cfg = run.cfg
     prompts = run.prompts_for(t)
-    problems = [run.task.constraint_of(p) for p in prompts]
+    problems = [run.task.constraint_of(p) for p in prompts]  # code task: tasks.code.Problem
     k, m = run.k, cfg.dstc_tests or run.k
     temp, top_p = cfg.resolved("temperature"), cfg.resolved("top_p")
     code_path, test_path = it.file("samples.jsonl"), it.file("test_samples.jsonl")
     if "sample" not in done:
         t0 = time.perf_counter()
         codes = run.sample(prompts, k, cfg.seed + 1000 * t, temp, top_p, f"iteration {t} code")
-        tests = run.sample([task_code.tests_prompt(pr) for pr in problems], m, cfg.seed + 1000 * t + 500, temp,
+        tests = run.sample([pr.tests_prompt() for pr in problems], m, cfg.seed + 1000 * t + 500, temp,
                            top_p, f"iteration {t} tests")
         secs = time.perf_counter() - t0
 
@@ -192,8 +190,8 @@ def dstc_phases(run, it, t: int, done: set[str]) -> None:
         box = _sandbox(cfg)
         rows = []
         for i, (pr, crow, trow) in enumerate(zip(problems, codes.samples, tests.samples, strict=True)):
-            cs = [_extract(task_code, s.text, s.finished, pr.name, "code") for s in crow]
-            ts = [_extract(task_code, s.text, s.finished, pr.name, "test") for s in trow]
+            cs = [_extract(pr, s.text, s.finished, "code") for s in crow]
+            ts = [_extract(pr, s.text, s.finished, "test") for s in trow]
             B, statuses = pass_matrix(cs, ts, box)
             # logged only: the hidden tests never reach the selection below
             hidden = [run.task.judge(prompts[i], s.text, s.finished).success for s in crow]

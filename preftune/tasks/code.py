@@ -52,6 +52,18 @@ class Problem:
     def signature(self) -> str:
         return f"{self.name}({self.params})"
 
+    # What code outside tasks/ (online/dstc.py) needs of a problem, reached through ``Task.constraint_of``.
+    def tests_prompt(self, n: int = 3) -> Prompt:
+        return tests_prompt(self, n)
+
+    @staticmethod
+    def extract_code(text: str) -> str | None:
+        return extract_code(text)
+
+    @staticmethod
+    def assert_lines(code: str) -> str:
+        return assert_lines(code)
+
 
 @dataclass(frozen=True)
 class Family:
