@@ -1,4 +1,4 @@
-"""Token-level objectives (LOSSES.md part D): TDPO1/2, SparsePO, TGDPO and OREO's policy loss.
+"""Token-level objectives (LOSSES.md part D): TDPO1/2, SparsePO, TGDPO and OREO (policy and value losses).
 
 They read per-token statistics that the engine provides only to objectives that declare them:
 ``policy.token_logps``/``policy.token_mask`` (B, K, T), ``ref.token_logps`` (B, K, T), and for TDPO
@@ -304,82 +304,235 @@ def tgdpo(
     return loss_output(losses, chosen, rejected, **metrics)
 
 
+# ------------------------------------------------------------------------------------------------ OREO
+# Wang et al. 2024, "Offline Reinforcement Learning for LLM Multi-Step Reasoning" (arXiv 2412.16145; METHODS.md
+# §M7, LOSSES.md D4; jwhj/OREO ``openrlhf/trainer/pcl_trainer.py``). Grids are (B, K, T): one slot per response
+# token t, the state s_t being the position that predicts it (the first state is the last prompt token). A
+# trajectory's states S are every action position (token level) or the first token of every reasoning step
+# (``step_level``: ``inputs['state_mask']``, which the trainer derives from the step delimiters).
+
+OREO_PAPER = "Offline Reinforcement Learning for LLM Multi-Step Reasoning"
+OREO_GRID_NOTE = (
+    "inputs['values'] (B,K,T): the critic's V_φ(s_t) at every action position; inputs['terminal_reward'] (B,K): "
+    "the trajectory reward, used as R = rew_mul·reward + rew_add; optional inputs['state_mask'] (B,K,T) bool: the "
+    "step-level states (absent: every action position is a state). Any K ≥ 1 trajectories per group, ragged via "
+    "policy.valid; the group's loss is the mean over its trajectories."
+)
+OREO_COMMON = {
+    "beta": Hyper(0.03, 0.0, None, low_open=True, help="β: KL-regularisation strength of the soft Bellman equation"),
+    "rew_mul": Hyper(1.0, help="R = rew_mul·reward + rew_add (the math scripts: 1, 0; ALFWorld's ±1: 2, −1)"),
+    "rew_add": Hyper(0.0, help="R = rew_mul·reward + rew_add"),
+    "step_level": Hyper(False, help="states at the first token of every reasoning step instead of every token"),
+    "step_delimiters": Hyper(
+        "newline", choices=("newline", "newline_period"),
+        help="with step_level: steps end at '\\n' (newline), or also at '. ' and '.$ ' (the authors' "
+        "period_as_delimiter); read by the trainer when it derives inputs['state_mask']",
+    ),
+}
+
+
 def _future_sum(x: Tensor) -> Tensor:
     """Σ_{i>t} x_i along the last dim (strictly after t)."""
     return x.flip(-1).cumsum(-1).flip(-1) - x
 
 
-def oreo_value_loss(
-    values: Tensor, token_log_ratios: Tensor, token_mask: Tensor, reward: Tensor, beta: float
-) -> Tensor:
-    """OREO critic loss per trajectory (Wang et al. 2024, arXiv 2412.16145; jwhj/OREO ``pcl_trainer``).
+def _to_go(x: Tensor) -> Tensor:
+    """Φ_t = Σ_{i≥t} x_i along the last dim."""
+    return x.flip(-1).cumsum(-1).flip(-1)
 
-    L_V = (1/|S|)·Σ_{t∈S} ( V_φ(s_t) + β·Σ_{i≥t} sg[ρ_i] − R )².
-    values, token_log_ratios, token_mask: (..., T); reward: (...). Returns (...) per-trajectory means.
-    Not registered: the critic is trained by the value-model step of an OREO trainer, not the policy loss.
+
+def _next_state(states: Tensor) -> Tensor:
+    """(…, T) bool → (…, T) long: for every t, the index of the first state after t, or T when there is none."""
+    T = states.shape[-1]
+    idx = torch.where(states, torch.arange(T, device=states.device), torch.full((), T, device=states.device))
+    first_from = idx.flip(-1).cummin(-1).values.flip(-1)  # min over j ≥ t
+    return torch.cat([first_from[..., 1:], torch.full_like(first_from[..., :1], T)], -1)  # min over j > t
+
+
+def _at_next(x: Tensor, nxt: Tensor) -> Tensor:
+    """x at the next state (0 after the last): ``x`` (…, T), ``nxt`` from ``_next_state``."""
+    padded = torch.cat([x, torch.zeros_like(x[..., :1])], -1)
+    return padded.gather(-1, nxt)
+
+
+def _oreo_grids(policy: PolicyStats, ref: RefStats | None, name: str, rew_mul: float, rew_add: float):
+    """(ρ (B,K,T) zero off the action tokens, action mask, state mask, valid (B,K), R (B,K) zero where invalid)."""
+    rho_t, mask = _token_log_ratios(policy, ref, name)
+    valid = policy.valid.bool() if policy.valid is not None else torch.ones_like(policy.logps, dtype=torch.bool)
+    mask = mask & valid.unsqueeze(-1)
+    zero = torch.zeros((), dtype=rho_t.dtype, device=rho_t.device)
+    rho_t = torch.where(mask, rho_t, zero)
+    states = policy.inputs.get("state_mask")
+    states = mask if states is None else states.bool() & mask
+    if "terminal_reward" not in policy.inputs:
+        raise ValueError(f"objective '{name}' needs inputs['terminal_reward'] (B, K)")
+    reward = policy.inputs["terminal_reward"].to(rho_t.dtype) * rew_mul + rew_add
+    return rho_t, mask, states, valid, torch.where(valid, reward, zero).detach()
+
+
+def _values(policy: PolicyStats, mask: Tensor, name: str, like: Tensor) -> Tensor:
+    if "values" not in policy.inputs:
+        raise ValueError(f"objective '{name}' needs inputs['values'] (B, K, T): the critic's V(s_t)")
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    return torch.where(mask, policy.inputs["values"].to(like.dtype), zero)
+
+
+def _group_mean(per_traj: Tensor, valid: Tensor) -> Tensor:
+    """(B, K) → (B,): mean over the group's valid trajectories."""
+    zero = torch.zeros((), dtype=per_traj.dtype, device=per_traj.device)
+    return torch.where(valid, per_traj, zero).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def oreo_value_loss(
+    values: Tensor, token_log_ratios: Tensor, token_mask: Tensor, reward: Tensor, beta: float,
+    state_mask: Tensor | None = None,
+) -> Tensor:
+    """OREO critic loss per trajectory (jwhj/OREO ``PCLTrainer.loss`` on the critic's values).
+
+    L_V = (1/|S|)·Σ_{t∈S} ( V_φ(s_t) + β·sg[Φ_t] − R )², Φ_t = Σ_{i≥t} ρ_i over every later action token.
+    values, token_log_ratios, token_mask, state_mask (states S; default: every action position): (..., T);
+    reward R: (...). Returns (...) per-trajectory means. The gradient reaches the values only.
     """
     mask = token_mask.bool()
+    states = mask if state_mask is None else state_mask.bool() & mask
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    rho = torch.where(mask, token_log_ratios, zero).detach()
-    to_go = rho.flip(-1).cumsum(-1).flip(-1)  # Σ_{i≥t}
-    resid = torch.where(mask, values, zero) + beta * to_go - reward.unsqueeze(-1)
-    return _tsum(resid**2, mask) / mask.sum(-1).clamp(min=1)
+    phi = _to_go(torch.where(mask, token_log_ratios, zero)).detach()
+    resid = torch.where(states, values, zero) + beta * phi - reward.unsqueeze(-1)
+    return _tsum(resid**2, states) / states.sum(-1).clamp(min=1)
+
+
+@register(
+    "oreo_value",
+    token_level=True,
+    summary="OREO value (critic) loss: V_φ(s_t) regressed on R − β·Σ_{i≥t} ρ_i; `--loss oreo_value` trains the "
+    "critic alone (the authors' critic_only), `--loss oreo` trains it jointly with the policy",
+    paper=OREO_PAPER,
+    arxiv="2412.16145",
+    shape="listwise",
+    reference="logps",
+    normalisation="mean",
+    min_responses=1,
+    hyperparameters={k: OREO_COMMON[k] for k in ("beta", "rew_mul", "rew_add", "step_level", "step_delimiters")},
+    inputs=("values", "terminal_reward", "state_mask"),
+    notes=TOKEN_NOTE + ". " + OREO_GRID_NOTE + " The gradient reaches the critic only (Φ is read with "
+    "stop-gradient); model/critic.py builds and trains the critic.",
+)
+def oreo_value(
+    policy: PolicyStats, ref: RefStats, beta: float = 0.03, rew_mul: float = 1.0, rew_add: float = 0.0,
+    step_level: bool = False, step_delimiters: str = "newline",
+) -> LossOutput:
+    """OREO value loss (METHODS.md §M7(b) step 2; jwhj/OREO ``PCLTrainer.loss`` with the critic's values).
+
+    Per trajectory: L_V = (1/|S|)·Σ_{t∈S} ( V_φ(s_t) + β·sg[Φ_t] − R )², Φ_t = Σ_{i≥t} ρ_i, ρ_i = lp_i^θ − lp_i^ref,
+    R = rew_mul·reward + rew_add. Φ is the policy's before this step's update (no EMA policy: the current one).
+    Shapes: (B, K, T) → (B,), the mean over the group's valid trajectories. Normalisation: mean over states.
+    ``step_level``/``step_delimiters`` are read by the trainer, which derives ``inputs['state_mask']``.
+    """
+    rho_t, mask, states, valid, reward = _oreo_grids(policy, ref, "oreo_value", rew_mul, rew_add)
+    values = _values(policy, states, "oreo_value", rho_t)
+    per = oreo_value_loss(values, rho_t, mask, reward, beta, states)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    n_states = states.sum(-1).clamp(min=1)
+    return loss_output(
+        _group_mean(per, valid), None, None,
+        value_loss=_group_mean(per, valid),
+        value_mean=_group_mean(_tsum(values, states) / n_states, valid),
+        **{"rewards/implicit": _group_mean(torch.where(valid, beta * rho_t.sum(-1), zero), valid)},
+    )
+
+
+def _oreo_kl(policy: PolicyStats, rho_t: Tensor, mask: Tensor, kl: str) -> Tensor:
+    """(B, K, T) per-token KL estimate of the actor's regulariser (jwhj/OREO ``kls_actor``)."""
+    zero = torch.zeros((), dtype=rho_t.dtype, device=rho_t.device)
+    if kl == "full":  # unbiased_kl: KL(π_θ ‖ π_ref) over the vocabulary, from the engine
+        if "policy_kl" not in policy.inputs:
+            raise ValueError("objective 'oreo' with kl=full needs inputs['policy_kl'] (B,K,T) = KL_t(π_θ‖π_ref) over "
+                             "the full vocabulary (the engine computes it with a live reference)")
+        return torch.where(mask, policy.inputs["policy_kl"].to(rho_t.dtype), zero)
+    if kl == "forward":  # forward_kl: KL(π_ref ‖ π_θ) over the vocabulary = the engine's token_kl
+        if policy.token_kl is None:
+            raise ValueError("objective 'oreo' with kl=forward needs policy.token_kl (a live reference)")
+        return torch.where(mask, policy.token_kl.to(rho_t.dtype), zero)
+    # sampled: exp(lp_ref − lp_θ) + (lp_θ − lp_ref) − 1, ρ clamped to [−20, 20] so extreme ratios cannot overflow
+    r = rho_t.clamp(-20.0, 20.0)
+    return torch.where(mask, torch.exp(-r) + r - 1, zero)
 
 
 @register(
     "oreo",
+    reference="live_logits",
     token_level=True,
-    summary="OREO policy loss: token-level soft-Bellman (path-consistency) residual with a value model",
-    paper="Offline Reinforcement Learning for LLM Multi-Step Reasoning",
+    summary="OREO: soft-Bellman (path-consistency) policy loss; `preftune train` trains the critic (oreo_value) "
+    "jointly, and model/critic.py searches with it (value-guided beam search)",
+    paper=OREO_PAPER,
     arxiv="2412.16145",
-    shape="unpaired",
-    reference="logps",
+    shape="listwise",
     normalisation="mean",
     min_responses=1,
     hyperparameters={
-        "beta": Hyper(0.03, 0.0, None, low_open=True, help="β: entropy-regularisation strength"),
-        "kl_coef": Hyper(0.01, 0.0, None, help="λ_KL: weight of the sampled-token KL(π_θ‖π_ref) regulariser"),
+        **OREO_COMMON,
+        "kl_coef": Hyper(0.01, 0.0, None, help="λ_KL: weight of the actor's KL(π_θ‖π_ref) regulariser"),
+        "kl": Hyper(
+            "full", choices=("full", "sampled", "forward"),
+            help="the regulariser per token: full = KL(π_θ‖π_ref) over the vocabulary (unbiased_kl, the math "
+            "scripts), sampled = exp(−ρ)+ρ−1 (the code's default), forward = KL(π_ref‖π_θ) (forward_kl)",
+        ),
+        "actor_loss": Hyper(
+            "dro", choices=("dro", "pcl", "single_step", "traj"),
+            help="dro: e_t = sg[V_t] + β(Φ_t − Φ_next + sg[Φ_next]) − R (the scripts); pcl: sg[V_t] + βΦ_t − R; "
+            "single_step: soft Bellman sg[V_t] − r_t − sg[V_next] + β(Φ_t − Φ_next); traj: the first state only",
+        ),
     },
-    inputs=("values", "terminal_reward"),
-    notes=TOKEN_NOTE + ". inputs['values'] (B,K,T): critic V_φ(s_t) at every action position (read with "
-    "stop-gradient); inputs['terminal_reward'] (B,K): trajectory reward R (e.g. 0/1 correctness). Any K ≥ 1 "
-    "trajectories per group, ragged via policy.valid. The critic itself trains with oreo_value_loss().",
+    inputs=("values", "terminal_reward", "state_mask", "policy_kl"),
+    notes=TOKEN_NOTE + ". " + OREO_GRID_NOTE + " inputs['policy_kl'] (B,K,T): KL_t(π_θ‖π_ref) over the vocabulary "
+    "(kl=full). The values enter with stop-gradient; the critic trains with oreo_value in the same step "
+    "(model/critic.py).",
 )
-def oreo(policy: PolicyStats, ref: RefStats, beta: float = 0.03, kl_coef: float = 0.01) -> LossOutput:
-    """OREO policy loss, token-level variant (Wang et al. 2024, arXiv 2412.16145; jwhj/OREO).
+def oreo(
+    policy: PolicyStats, ref: RefStats, beta: float = 0.03, kl_coef: float = 0.01, kl: str = "full",
+    actor_loss: str = "dro", rew_mul: float = 1.0, rew_add: float = 0.0, step_level: bool = False,
+    step_delimiters: str = "newline",
+) -> LossOutput:
+    """OREO policy (actor) loss (METHODS.md §M7(b) step 3; jwhj/OREO ``PCLTrainer.dro_loss``, ``single_step_loss``,
+    ``loss``, ``traj_loss``).
 
-    Per trajectory (S = action positions, ρ_i = lp_i^θ − lp_i^ref):
-    L_π = (1/|S|)·Σ_{t∈S} ( sg[V_φ(s_t)] + β·ρ_t + β·sg[Σ_{i>t} ρ_i] − R )² + λ_KL·(1/|S|)·Σ_t k3_t,
-    k3_t = exp(−ρ_t) + ρ_t − 1, the sampled-token estimator of KL(π_θ ‖ π_ref). Choice: the reference
-    code's default is the full-vocabulary KL(π_θ‖π_ref), which the engine does not provide (its
-    ``token_kl`` is the other direction); the k3 estimator is the code's documented alternative. ρ_t is
-    clamped to [−20, 20] inside k3 only (as OpenRLHF clamps), so extreme ratios cannot overflow.
-    Shapes: (B, K, T) → (B,), the mean over the group's valid trajectories. Normalisation: mean over
-    tokens within a trajectory.
+    Φ_t = Σ_{i≥t} ρ_i (ρ_i = lp_i^θ − lp_i^ref), "next" = the next state (Φ_next = V_next = 0 after the last),
+    R = rew_mul·reward + rew_add, V read with stop-gradient. Residual e_t at every state t ∈ S:
+      dro:         sg[V_t] + β·((Φ_t − Φ_next) + sg[Φ_next]) − R  (token level: sg[V_t] + β(ρ_t + sg[Σ_{i>t}ρ_i]) − R)
+      pcl:         sg[V_t] + β·Φ_t − R
+      single_step: sg[V_t] − r_t − sg[V_next] + β·(Φ_t − Φ_next),  r_t = R at the last state, else 0
+      traj:        the first state's e only (pcl's residual); its square is the trajectory's term.
+    L_π = (1/|S|)·Σ_{t∈S} e_t² + λ_KL·(1/n)·Σ_t KL_t over the n action tokens; KL_t per ``kl``. The hinge of
+    ``traj`` (hinge_coeff, off in every script) is not implemented.
+    Shapes: (B, K, T) → (B,), the mean over the group's valid trajectories. Normalisation: mean over states.
     """
-    rho_t, mask = _token_log_ratios(policy, ref, "oreo")  # (B, K, T)
-    valid = (
-        policy.valid.bool() if policy.valid is not None else torch.ones_like(policy.logps, dtype=torch.bool)
-    )
-    mask = mask & valid.unsqueeze(-1)
-    rho_t = torch.where(mask, rho_t, torch.zeros((), dtype=rho_t.dtype, device=rho_t.device))
+    rho_t, mask, states, valid, reward = _oreo_grids(policy, ref, "oreo", rew_mul, rew_add)
+    values = _values(policy, states, "oreo", rho_t).detach()
     zero = torch.zeros((), dtype=rho_t.dtype, device=rho_t.device)
-    values = torch.where(mask, policy.inputs["values"].to(rho_t.dtype), zero).detach()
-    reward = torch.where(valid, policy.inputs["terminal_reward"].to(rho_t.dtype), zero).detach()
-    resid = values + beta * rho_t + beta * _future_sum(rho_t).detach() - reward.unsqueeze(-1)
-    n_tok = mask.sum(-1).clamp(min=1)  # (B, K)
-    pcl = _tsum(resid**2, mask) / n_tok
-    r = rho_t.clamp(-20.0, 20.0)
-    kl = _tsum(torch.exp(-r) + r - 1, mask) / n_tok
-    per_traj = torch.where(valid, pcl + kl_coef * kl, zero)
-    n = valid.sum(-1).clamp(min=1)
-    losses = per_traj.sum(-1) / n
-    seq_rho = _tsum(rho_t, mask)
+    phi = _to_go(rho_t)
+    nxt = _next_state(states)
+    phi_next = _at_next(phi, nxt)
+    R = reward.unsqueeze(-1)
+    if actor_loss == "dro":
+        resid = values + beta * ((phi - phi_next) + phi_next.detach()) - R
+    elif actor_loss == "pcl" or actor_loss == "traj":
+        resid = values + beta * phi - R
+    else:  # single_step
+        last = states & (nxt == states.shape[-1])  # the last state of each trajectory
+        r = torch.where(last, R.expand_as(values), zero)
+        resid = values - r - _at_next(values, nxt) + beta * (phi - phi_next)
+    if actor_loss == "traj":  # the first state only
+        first = states & (states.long().cumsum(-1) == 1)
+        pcl = _tsum(resid**2, first)
+    else:
+        pcl = _tsum(resid**2, states) / states.sum(-1).clamp(min=1)
+    # kl_coef = 0 needs no KL input (it would only be logged).
+    kl_t = torch.zeros_like(rho_t) if kl_coef == 0 and kl != "sampled" else _oreo_kl(policy, rho_t, mask, kl)
+    kl_mean = _tsum(kl_t, mask) / mask.sum(-1).clamp(min=1)
+    losses = _group_mean(pcl + kl_coef * kl_mean, valid)
     return loss_output(
-        losses,
-        None,
-        None,
-        pcl_loss=torch.where(valid, pcl, zero).sum(-1) / n,
-        kl=torch.where(valid, kl, zero).sum(-1) / n,
-        **{"rewards/implicit": torch.where(valid, beta * seq_rho, zero).sum(-1) / n},
+        losses, None, None,
+        pcl_loss=_group_mean(pcl, valid),
+        kl=_group_mean(kl_mean, valid),
+        **{"rewards/implicit": _group_mean(torch.where(valid, beta * rho_t.sum(-1), zero), valid)},
     )

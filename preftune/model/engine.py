@@ -354,12 +354,16 @@ def _chunk_logps_kl(
     ref_bias: Tensor | None,
     tokens: Tensor,
     post,
-) -> tuple[Tensor, Tensor, Tensor]:
+    policy_kl: bool = False,
+) -> tuple[Tensor, ...]:
     logp = _at_least_fp32(post(torch.nn.functional.linear(hidden, weight, bias))).log_softmax(-1)  # (C, V)
     with torch.no_grad():
         ref_logp = _at_least_fp32(post(torch.nn.functional.linear(ref_hidden, ref_weight, ref_bias))).log_softmax(-1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # KL(ref ‖ θ) per position
-    return logp.gather(-1, tokens[:, None]).squeeze(-1), ref_logp.gather(-1, tokens[:, None]).squeeze(-1), kl
+    out = (logp.gather(-1, tokens[:, None]).squeeze(-1), ref_logp.gather(-1, tokens[:, None]).squeeze(-1), kl)
+    if policy_kl:  # OREO's regulariser: KL(θ ‖ ref) per position as well
+        out += ((logp.exp() * (logp - ref_logp)).sum(-1),)
+    return out
 
 
 def _lse(logits: Tensor) -> Tensor:
@@ -484,6 +488,11 @@ class LogProbEngine(nn.Module):
         # SparsePO's learned mask network (model/masks.py), set by the trainer: a submodule, so the optimizer,
         # DDP and checkpoints see its parameters; it runs inside forward on ``ref_layer_hidden``.
         self.token_masks: nn.Module | None = None
+        # OREO's critic (model/critic.py), set by the trainer like ``token_masks``: V(s_t) at every response
+        # position of the same packed batch, returned as ``values``; ``policy_kl`` adds KL(θ ‖ ref) per position
+        # (``policy_kl``) to a live-reference forward.
+        self.critic: nn.Module | None = None
+        self.policy_kl = False
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -547,7 +556,7 @@ class LogProbEngine(nn.Module):
         h = hidden[pred_rows, pred_pos]  # (M, H): only response positions reach the LM head
         weight, bias = head.weight, getattr(head, "bias", None)
         grad = torch.is_grad_enabled() and h.requires_grad
-        out_logps, out_ref, out_kl = [], [], []
+        out_logps, out_ref, out_kl, out_pkl = [], [], [], []
         for s in range(0, h.shape[0], self.chunk_size):
             hc, tc = h[s : s + self.chunk_size], pred_tokens[s : s + self.chunk_size]
             if ref_hidden is None and plain:
@@ -558,16 +567,21 @@ class LogProbEngine(nn.Module):
             else:
                 rc = ref_hidden[s : s + self.chunk_size]
                 fn = lambda a, r=rc, b=tc: _chunk_logps_kl(  # noqa: E731
-                    a, r, weight, bias, ref_head_weight, ref_head_bias, b, post
+                    a, r, weight, bias, ref_head_weight, ref_head_bias, b, post, self.policy_kl
                 )
-                lp, rlp, kl = checkpoint(fn, hc, use_reentrant=False) if grad else fn(hc)
+                lp, rlp, kl, *pkl = checkpoint(fn, hc, use_reentrant=False) if grad else fn(hc)
                 out_logps.append(lp)
                 out_ref.append(rlp)
                 out_kl.append(kl)
+                out_pkl += pkl
         result = {"token_logps": torch.cat(out_logps)}
         if out_kl:
             result["ref_token_logps"] = torch.cat(out_ref)
             result["token_kl"] = torch.cat(out_kl)
+        if out_pkl:
+            result["policy_kl"] = torch.cat(out_pkl)
+        if self.critic is not None:
+            result["values"] = self.critic(input_ids, attention_mask, pred_rows, pred_pos, position_ids)
         if ref_layer_hidden is not None:
             if self.token_masks is None:
                 raise ValueError("ref_layer_hidden given but the engine has no token_masks network")
@@ -654,7 +668,8 @@ def policy_stats(
         token_kl=token_kl,
         inputs={k: v.to(device) for k, v in (inputs or {}).items()},
     )
-    for key in (*masks.LEARNED_KEYS, masks.ACTIVATION_KEY):  # SparsePO's masks, (M,) → (B, K, T)
+    # SparsePO's masks, OREO's critic values and KL(θ ‖ ref): (M,) → (B, K, T)
+    for key in (*masks.LEARNED_KEYS, masks.ACTIVATION_KEY, "values", "policy_kl"):
         if key in out:
             stats.inputs[key] = scatter_stats(packed, out[key], True)[1]
     return stats, ref

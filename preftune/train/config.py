@@ -138,8 +138,14 @@ class TrainConfig(RunConfig):
     )
     value_model: str | None = Field(
         None,
-        description="OREO: the frozen critic V(s_t), a token-classification model with one label (HF folder); "
-        "preftune trains the policy only",
+        description="OREO: the initial critic V(s_t), a token-classification folder with one label (e.g. a previous "
+        "run's output/critic); unset: a copy of the initial model with a zero-initialised value head (the authors' "
+        "default). The critic trains with the policy (loss oreo) or alone (oreo_value) and is saved to output/critic",
+    )
+    critic_learning_rate: float = Field(
+        5e-6, gt=0, description="OREO: the critic's peak learning rate, its own parameter group (the same schedule "
+        "shape, betas and weight decay as the policy's); 5e-6 is train_oreo.sh's for a fully trained critic, which "
+        "it is here also when the policy trains LoRA adapters"
     )
     margin_models: list[str] = Field(
         default_factory=list,

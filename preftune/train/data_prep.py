@@ -26,6 +26,15 @@ def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=p
     the objective's data shape."""
     from preftune import data
 
+    if "terminal_reward" in obj.inputs:  # OREO: every trajectory with its reward (data/trajectories.py)
+        from preftune.data.trajectories import load_trajectories
+
+        examples, issues = load_trajectories(path, split=split, skip_invalid=cfg.skip_invalid)
+        if issues:
+            log(f"skipped {len(issues)} problem(s) in {path} (--skip-invalid); first: {issues[0]}")
+        if not examples:
+            raise ValueError(f"{path}: no usable trajectories for objective '{obj.name}'")
+        return examples
     try:
         records, issues = data.load_and_validate(
             path, objective_shape=obj.shape, split=split, skip_invalid=cfg.skip_invalid,

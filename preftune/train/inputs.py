@@ -21,8 +21,11 @@ token_activation_  MaPO's mask (sparsepo_mapo): from the reference's activations
 mask               engine's live-reference pass (model/masks.py). Neither is a provider's work.
 token_rm_logps     TGDPO: per-token log-probs of the frozen token-level reward policy
                    ``TrainConfig.token_rm_model`` (same tokenizer), loaded once.
-values             OREO: V(s_t) at every response position from the frozen critic
-                   ``TrainConfig.value_model`` (a token-classification model with one label).
+values             OREO: V(s_t) at every response position from the critic the engine owns and trains
+                   (model/critic.py), computed in the engine's forward; not a provider's work.
+policy_kl          OREO: KL_t(π_θ ‖ π_ref) over the vocabulary, from the live-reference forward.
+state_mask         OREO: the states (B, K, T): every response token, or with ``step_level`` the first
+                   token of every reasoning step (model/critic.py ``state_mask``, the tokenizer's text).
 margin_rewards     MODPO: (B, K, 0) when neither the data nor margin_models give margin columns.
 rationale_logps    RDPO / R-ORPO: ℓ_θ(r | x_rat) and the token count of each pair's rationale, scored
 rationale_lengths  by the policy in the same forward as the pair (loop.PolicyForward, model/engine.py
@@ -133,16 +136,16 @@ def load_value_model(path: str):
     return model
 
 
-def _values(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
-    from preftune.model.engine import scatter_stats
+def _engine_critic(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    # The engine fills values (its critic) and policy_kl (a live reference) in every forward of an OREO run.
+    raise ValueError("OREO's values and KL(π_θ‖π_ref) come from the engine's forward (its critic, model/critic.py, "
+                     "and a live reference); this forward had none")
 
-    critic = _aux_model(runner, "value_model", load_value_model)
-    p = _unshared(runner, batch, packed)
-    with torch.no_grad(), runner.acc.autocast():
-        v = critic(input_ids=p.input_ids, attention_mask=p.attention_mask).logits  # (N, L, 1)
-    # V(s_t) is read where the policy predicts token t: the state before action t.
-    _, grid, _ = scatter_stats(p, v[p.pred_rows, p.pred_pos, 0].float(), True)
-    return {"values": grid}
+
+def _state_mask(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    from preftune.model.critic import state_mask
+
+    return {"state_mask": state_mask(batch, packed.T, runner.tokenizer, runner.forward.params).to(policy.logps.device)}
 
 
 def _no_margins(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
@@ -202,9 +205,14 @@ PROVIDERS: tuple[Provider, ...] = (
     ),
     Provider(
         ("values",),
-        _values,
-        "V(s_t) from the frozen critic value_model (token classification, 1 label)",
-        config="value_model",
+        _engine_critic,
+        "V(s_t) from the critic trained with the policy (model/critic.py: a copy of the initial model with a "
+        "zero-initialised value head, or value_model), computed in the engine's forward",
+    ),
+    Provider(("policy_kl",), _engine_critic, "KL(π_θ‖π_ref) per token over the vocabulary, from the live reference"),
+    Provider(
+        ("state_mask",), _state_mask,
+        "every response token, or with step_level the first token of each reasoning step (split at the delimiters)",
     ),
     Provider(
         ("margin_rewards",),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from preftune.losses.base import LossOutput, PolicyStats
+from preftune.model import critic as critics
 from preftune.model import masks
 from preftune.model.engine import LogProbEngine, live_reference_inputs, pack, policy_stats, reference_stats
 from preftune.train import checkpoint as ckpt
@@ -164,7 +165,7 @@ class PolicyForward(Forward):
 
     supports_sharding = True
 
-    def __init__(self, cfg: TrainConfig, obj, params: dict, policy, ref_model, tokenizer):
+    def __init__(self, cfg: TrainConfig, obj, params: dict, policy, ref_model, tokenizer, critic=None):
         self.cfg, self.obj, self.params = cfg, obj, params
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.engine = LogProbEngine(policy, cfg.logits_chunk, prefix_sharing=cfg.prefix_sharing, fused_head=cfg.compile)
@@ -182,8 +183,20 @@ class PolicyForward(Forward):
                                                      seed=cfg.seed)
         self.reference_needs = {"layer_hidden": masks.learned_masks_needed(obj),
                                  "activation_mask": masks.activation_mask_needed(obj)}
+        # OREO: the critic joins the engine (trained in its own parameter group, checkpointed with the policy);
+        # `oreo` adds the critic's loss to the policy's, `oreo_value` trains the critic alone (model/critic.py).
+        self.engine.critic = critic
+        self.engine.policy_kl = "policy_kl" in obj.inputs
+        self.value_loss = critics.value_loss_for(obj, params)
+        self.tokenizer = tokenizer
+        if critic is not None and critics.critic_only(obj):
+            policy.requires_grad_(False)
+
 
     def attach(self, runner: Runner) -> None:
+        if self.engine.critic is not None and runner.kind in ("fsdp2", "deepspeed"):
+            raise ValueError(f"objective '{self.obj.name}' trains a critic beside the policy, which is not tested "
+                             f"under {runner.kind}; launch it with configs/accelerate/ddp.yaml")
         runner.acc.print(f"prefix sharing: {'on' if self.engine.shares_prefix() else 'off'} "
                          f"({self.engine.prefix_sharing_reason})")
         if self.ref_model is not None and runner.kind == "fsdp2":
@@ -229,6 +242,9 @@ class PolicyForward(Forward):
         if self.loss_state is not None:  # read-only while the Runner evaluates
             kwargs["state"] = self.loss_state
         result = self.obj.fn(policy.to(torch.float32), ref.to(torch.float32) if ref is not None else None, **kwargs)
+        if self.value_loss is not None:  # OREO: the critic's loss in the same step (model/critic.py joint_output)
+            fn, value_params = self.value_loss
+            result = critics.joint_output(result, fn(policy.to(torch.float32), ref.to(torch.float32), **value_params))
         return Micro(result, policy, batch)
 
     def reference_for(self, runner: Runner, dataset, indices: list[int], packed):
@@ -243,6 +259,8 @@ class PolicyForward(Forward):
         save_final(model, tokenizer, target, merge_lora=self.cfg.merge_lora, overwrite=True)
         if self.engine.token_masks is not None:  # beside the model folder, which stays a plain HF/vLLM folder
             masks.save_mask_net(self.engine.token_masks, target.parent)
+        if self.engine.critic is not None:  # output/critic: a token-classification folder (model/critic.py)
+            critics.save_critic(self.engine.critic, target.parent / critics.CRITIC_DIR, tokenizer)
 
 
 class Runner:
@@ -266,7 +284,11 @@ class Runner:
 
         forward.engine.train()
         trainable = [p for p in forward.engine.parameters() if p.requires_grad]
-        opt, sched = make_optimizer(cfg, masks.optimizer_groups(trainable, self.mask_net(forward.engine)), self.total)
+        params = masks.optimizer_groups(trainable, self.mask_net(forward.engine))
+        critic = getattr(forward.engine, "critic", None)  # OREO's critic: its own group and learning rate
+        if critic is not None:
+            params = critics.optimizer_groups(params, critic, cfg.critic_learning_rate)
+        opt, sched = make_optimizer(cfg, params, self.total)
         if self.kind == "deepspeed":
             distributed.configure_deepspeed(acc, cfg, forward.engine)
         self.engine, self.opt, self.sched = acc.prepare(forward.engine, opt, sched)
@@ -376,12 +398,23 @@ class Runner:
         step_time = now() - t0
         tok_total = float(self.acc.reduce(torch.tensor(float(tokens), device=self.acc.device), "sum"))
         metrics.update(grad_norm=grad_norm, lr=lr, step_time=step_time, **{"tokens/s": tok_total / step_time})
+        if getattr(self.base_engine, "critic", None) is not None:
+            metrics.update(critic_grad_norm=self.critic_grad_norm, critic_lr=self.critic_lr)
         return metrics
 
     def clip(self) -> float:
         params = [p for p in self.engine.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        critic = getattr(self.base_engine, "critic", None)
+        if critic is not None:  # OREO: each network clipped on its own, as the authors' two engines
+            ids = {id(p) for p in critic.parameters()}
+            self.critic_grad_norm = float(self.acc.clip_grad_norm_([p for p in params if id(p) in ids], max_norm))
+            self.critic_lr = self.sched.get_last_lr()[-1]  # the rate this update uses (its group is the last)
+            params = [p for p in params if id(p) not in ids]
+            if not params:  # oreo_value: the critic alone trains
+                return self.critic_grad_norm
         return float(self.acc.clip_grad_norm_(params, max_norm))
+
 
     def reduce(self, sums: dict) -> dict[str, float]:
         """Means over every example of every micro-batch and process (NaN entries excluded)."""
@@ -495,7 +528,8 @@ class Runner:
     @property
     def checkpointed(self):
         """What checkpoints hold: the model's trainable weights, and SparsePO's mask network's."""
-        return masks.with_mask_net(self.base_engine.model, self.mask_net(self.base_engine))
+        model = masks.with_mask_net(self.base_engine.model, self.mask_net(self.base_engine))
+        return critics.with_critic(model, getattr(self.base_engine, "critic", None))  # OREO: one file, both
 
     @property
     def shards(self) -> int | None:

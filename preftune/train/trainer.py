@@ -64,12 +64,15 @@ def build_runner(cfg: TrainConfig, *, train_examples=None, eval_examples=None, t
     if cfg.ches_filter is not None:  # scored with the initial policy, before adapters or compilation
         train_set, ches_dropped = ches_filter(cfg, model, tokenizer, train_set, acc, ref_cache)
     cfg, _ = engine_choice.resolve(cfg, model, acc, model_passed=model_passed)  # engine: auto | plain
+    from preftune.model.critic import critic_for
+
+    critic = critic_for(cfg, obj, model)  # OREO: from the initial model, before any adapter (model/critic.py)
     policy, ref_model = loop.setup_models(cfg, model)
 
     open_output(cfg, acc, "train_config.json")  # the first write
     if cfg.ches_filter is not None and acc.is_main_process:
         write_jsonl(cfg.output_dir / "ches_dropped.jsonl", ches_dropped)
-    forward = loop.PolicyForward(cfg, obj, params, policy, ref_model, tokenizer)
+    forward = loop.PolicyForward(cfg, obj, params, policy, ref_model, tokenizer, critic=critic)
     if ref_cache is not None:
         forward.ref_caches[train_set.name] = ref_cache
     if eval_ref_cache is not None and eval_set is not None:

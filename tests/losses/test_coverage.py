@@ -60,7 +60,8 @@ COVERAGE = {
     "sparsepo_learned": {"golden", "parity", "property", "stability", "state"},  # state: tests/train
     "sparsepo_mapo": {"golden", "parity", "property", "stability"},
     "tgdpo": {"parity", "property", "stability"},
-    "oreo": {"parity", "property", "stability"},
+    "oreo": {"golden", "parity", "property", "stability"},  # tests/losses/test_oreo.py
+    "oreo_value": {"golden", "parity", "property", "stability", "state"},  # state: tests/train/test_oreo_train.py
     # Part E — tests/losses/test_selfplay.py
     "sppo": {"golden", "parity", "property", "stability"},
     "sppo_single": {"parity", "stability"},

@@ -304,7 +304,8 @@ def test_parity_oreo_ragged(B, K):
             token_mask=mask,
             inputs={"values": values, "terminal_reward": torch.where(valid, R, float("nan"))},
         )
-        return run("oreo", p, RefStats(torch.zeros(B, K, dtype=D), rtlp), beta=0.1, kl_coef=0.05).losses
+        return run("oreo", p, RefStats(torch.zeros(B, K, dtype=D), rtlp), beta=0.1, kl_coef=0.05,
+                   kl="sampled").losses
 
     def ref(tlp, values):
         return ref_oreo(tlp, rtlp, values, R, mask, valid, 0.1, 0.05)
@@ -373,6 +374,7 @@ def test_extreme_log_ratios_float32(name, sign):
         "token_rm_logps": torch.full((B, 2, T), -5.0),
         "values": torch.full((B, 2, T), 1e3),
         "terminal_reward": torch.ones(B, 2),
+        "policy_kl": torch.full((B, 2, T), 1e3),
     }
     p = PolicyStats(
         tlp.sum(-1),
@@ -403,6 +405,7 @@ def test_registry_declarations():
         assert get(n).reference == "live_logits"
     assert set(get("sparsepo").inputs) == {"token_reward_mask", "token_kl_mask"}
     assert get("tgdpo").inputs == ("token_rm_logps",)
-    assert get("oreo").shape == "unpaired" and get("oreo").min_responses == 1
-    assert set(get("oreo").inputs) == {"values", "terminal_reward"}
+    assert get("oreo").shape == "listwise" and get("oreo").min_responses == 1  # a prompt's trajectories
+    assert set(get("oreo").inputs) == {"values", "terminal_reward", "state_mask", "policy_kl"}
+    assert get("oreo").reference == "live_logits"  # KL(π_θ‖π_ref) over the vocabulary (tests/losses/test_oreo.py)
     assert lsig(0.0) == pytest.approx(-math.log(2))
