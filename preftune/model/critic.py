@@ -224,16 +224,18 @@ def with_critic(model, critic: nn.Module | None):
     return model if critic is None else _WithCritic(model, critic)
 
 
-def step_starts(response_ids: Sequence[int], tokenizer, delimiters: Sequence[str]) -> list[bool]:
+def step_starts(response_ids: Sequence[int], tokenizer, delimiters: Sequence[str],
+                chars: Sequence[int] | None = None) -> list[bool]:
     """Which tokens begin a reasoning step (the authors' step-level states sit just before them).
 
     A step ends with a delimiter ('\\n'; with period_as_delimiter also '. ' and '.$ ') and the next begins at the
     following character, as the authors split the response text; the step's first token is the token holding
-    that character (their ``char_to_token``). The first token always begins a step."""
+    that character (their ``char_to_token``). ``chars``: the steps' start offsets given by the data (its ``steps``
+    field) instead of the delimiters. The first token always begins a step."""
     pieces = [tokenizer.decode([t]) for t in response_ids]
     text = "".join(pieces)
-    starts = set()
-    for d in delimiters:
+    starts = set(chars or ())
+    for d in () if chars is not None else delimiters:
         i = text.find(d)
         while i != -1:
             starts.add(i + len(d))
@@ -255,14 +257,18 @@ def step_starts(response_ids: Sequence[int], tokenizer, delimiters: Sequence[str
 
 
 def state_mask(batch, T: int, tokenizer, params: dict) -> Tensor:
-    """(B, K, T) bool step-level states of a collated batch (``params['step_level']``), else every response token."""
+    """(B, K, T) bool step-level states of a collated batch (``params['step_level']``), else every response token.
+    Steps start at the data's ``steps`` (``batch.inputs['step_chars']``, data/trajectories.py) when it has them,
+    else after the delimiters."""
     B, K = len(batch.response_ids), max(len(r) for r in batch.response_ids)
     out = torch.zeros(B, K, max(T, 1), dtype=torch.bool)
     delimiters = DELIMITERS[params.get("step_delimiters", "newline")]
+    given = batch.inputs.get("step_chars")  # (B, K, n) offsets, −1 padding
     for b, responses in enumerate(batch.response_ids):
         for k, r in enumerate(responses):
-            if params.get("step_level"):
-                out[b, k, : len(r)] = torch.tensor(step_starts(r, tokenizer, delimiters), dtype=torch.bool)
+            if params.get("step_level") and r:
+                chars = None if given is None else [int(c) for c in given[b, k].tolist() if c >= 0]
+                out[b, k, : len(r)] = torch.tensor(step_starts(r, tokenizer, delimiters, chars), dtype=torch.bool)
             else:
                 out[b, k, : len(r)] = True
     return out

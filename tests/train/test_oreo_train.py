@@ -286,7 +286,7 @@ def test_beam_search_runs_on_a_tiny_policy_and_critic(tiny_model_dir, tiny_tok):
     # the score is V at the last token, as the critic computes it on the full sequence
     seq = prompt + [5, 6, 7]
     v = critic.last_values([seq, prompt])
-    logits = critic.model(input_ids=torch.tensor([seq])).logits[0, :, 0]
+    logits = critic.model(input_ids=torch.tensor([seq])).logits[0, :, 0].detach()
     assert float(v[0]) == pytest.approx(float(logits[-1]), abs=1e-5)
     assert float(v[1]) == pytest.approx(float(logits[len(prompt) - 1]), abs=1e-5)
 
@@ -308,3 +308,46 @@ def test_value_search_cli_answers_every_prompt(tiny_model_dir, traj_file, tmp_pa
     bad.write_text(json.dumps({"question": "x"}) + "\n")
     res = CliRunner().invoke(app, ["value-search", str(bad), str(tmp_path / "run" / "model"), str(tmp_path / "run")])
     assert res.exit_code != 0 and f"{bad}:1: prompt: missing" in res.output
+
+
+def _steps_file(tmp_path, rows):
+    path = tmp_path / "steps.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_steps_field_places_the_step_level_states(tiny_model_dir, tmp_path):
+    from preftune.data import collate
+    from preftune.model.critic import state_mask
+
+    steps = [["first step, ", "then the next ", "and done"], ["one", " two"]]
+    rows = [{"prompt": "Question: count", "responses": ["".join(s) for s in steps], "scores": [1, 0], "steps": steps},
+            {"prompt": "Question: again", "responses": ["a b"], "scores": [1], "steps": [["a", " b"]]}]
+    runner = build_runner(_cfg(tiny_model_dir, _steps_file(tmp_path, rows), tmp_path / "o",
+                               loss_params={"step_level": True}))
+    ex = runner.train_set.examples[0]
+    assert ex.inputs["step_chars"] == [[0.0, 12.0, 26.0], [0.0, 3.0, -1.0]]  # padded to the data set's 3 steps
+    batch = collate([ex])
+    got = state_mask(batch, max(len(r) for r in ex.response_ids), runner.tokenizer, runner.forward.params)
+    for k, (resp_ids, offsets) in enumerate(zip(ex.response_ids, ([0, 12, 26], [0, 3]), strict=True)):
+        pieces = [runner.tokenizer.decode([t]) for t in resp_ids]
+        ends = [sum(len(p) for p in pieces[: j + 1]) for j in range(len(pieces))]
+        want = {next(j for j, e in enumerate(ends) if e > c) for c in offsets}  # the token holding each start
+        assert {j for j in range(len(resp_ids)) if got[0, k, j]} == want
+    res = train(_cfg(tiny_model_dir, _steps_file(tmp_path, rows), tmp_path / "t", loss_params={"step_level": True}))
+    assert res.steps == 2
+
+
+def test_steps_errors_name_file_line_and_field(tiny_model_dir, tmp_path):
+    from preftune.data import DataError
+
+    rows = [{"prompt": "p", "responses": ["abc", "de"], "scores": [1, 0], "steps": [["ab", "c"], ["d", "x"]]},
+            {"prompt": "p", "responses": ["abc"], "scores": [1]},
+            {"prompt": "p", "responses": ["abc"], "scores": [1], "steps": [["abc"], ["d"]]}]
+    path = _steps_file(tmp_path, rows)
+    with pytest.raises(DataError) as e:
+        train(_cfg(tiny_model_dir, path, tmp_path / "o"))
+    text = str(e.value)
+    assert f"{path}:1: steps[1]: the steps joined differ from responses[1] at character 1" in text
+    assert f"{path}:2: steps: missing (the data's other records carry steps)" in text
+    assert f"{path}:3: steps: expected one list of step strings per response (1), got 2 lists" in text
