@@ -284,7 +284,9 @@ class Runner:
 
         forward.engine.train()
         trainable = [p for p in forward.engine.parameters() if p.requires_grad]
-        params = masks.optimizer_groups(trainable, self.mask_net(forward.engine))
+        # A forward may group its parameters with their own rates (PAL's projectors, prototypes and user weights).
+        groups = getattr(forward, "param_groups", None)
+        params = groups(trainable) if groups else masks.optimizer_groups(trainable, self.mask_net(forward.engine))
         critic = getattr(forward.engine, "critic", None)  # OREO's critic: its own group and learning rate
         if critic is not None:
             params = critics.optimizer_groups(params, critic, cfg.critic_learning_rate)
