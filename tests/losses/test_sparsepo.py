@@ -224,6 +224,8 @@ def test_parity_learned_head_and_its_gradients():
         head.norm.bias.copy_(0.2 * torch.randn(H, generator=g, dtype=D))
         head.layer_bias.copy_(0.3 * torch.randn(L, generator=g, dtype=D))
         head.mixer.copy_(torch.tensor([0.5, -1.5, 0.4], dtype=D))
+        # drawn here, not by the head's own init from the global RNG: the case must not depend on what ran first
+        head.layer_weight.copy_(0.5 * torch.randn(head.layer_weight.shape, generator=g, dtype=D))
     params = [head.norm.weight, head.norm.bias, head.layer_weight, head.layer_bias, head.mixer]
     w = torch.linspace(0.5, 1.5, M, dtype=D)
     (head(h) * w).sum().backward()
