@@ -333,7 +333,8 @@ app.add_typer(reward_app, name="reward")
 def _reward_objectives() -> str:
     from preftune.losses import all_objectives
 
-    return "(" + ", ".join(o.name for o in all_objectives() if o.trains == "reward_model") + ")"
+    registry = ", ".join(o.name for o in all_objectives() if o.trains == "reward_model")
+    return f"({registry}) or pal_a, pal_b, carm (PAL, CARM)"
 
 
 @config_command(reward_app, "train", RewardConfig, *_RUN_FLAGS, more_help={"loss": _reward_objectives})
@@ -364,6 +365,26 @@ def reward_train_cmd(
         typer.echo(f"held-out loss: {final['eval/loss']:.4f}{mae}")
 
 
+@reward_app.command("adapt")
+def reward_adapt_cmd(
+    model: str = typer.Argument(..., help="a PAL model folder (preftune reward train --loss pal_a|pal_b)"),
+    data: str = typer.Option(..., "--data", help="the new user's few pairs (records with user_id, or --user-id)"),
+    user_id: str | None = typer.Option(None, "--user-id", help="the new user's id for every record of --data"),
+    output: str | None = typer.Option(None, "--output", "-o", help="write the adapted model here (default: in place)"),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="passes over the user's pairs"),
+    learning_rate: float = typer.Option(5e-3, "--learning-rate", min=0.0, help="AdamW rate of the user's weights"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="pairs per step"),
+    seed: int = typer.Option(0, "--seed", help="seed of the new user's initial weights and the pair order"),
+) -> None:
+    """Fit new users of a PAL model from a few pairs: only their K mixture weights train (METHODS.md §M11)."""
+    from preftune.reward.pal import adapt_file
+
+    with _user_errors():
+        results = adapt_file(model, data, user_id=user_id, output=output, log=typer.echo, epochs=epochs,
+                             learning_rate=learning_rate, batch_size=batch_size, seed=seed)
+    typer.echo(f"{len(results)} new user(s) written to {output or model}; judge with rm:{output or model}?user_id=ID")
+
+
 @app.command("judge")
 def judge_cmd(
     file: str = typer.Argument(
@@ -374,7 +395,8 @@ def judge_cmd(
         "--judge",
         "-j",
         help="task:NAME (built-in task), rm:PATH (reward or GPM "
-        "model folder), llm:MODEL (local chat model, asked A or B in both orders), lsc(JUDGE, ..., ref=candidates) "
+        "model folder; rm:PATH?user_id=ID a PAL model's user, rm:PATH?context=TEXT a CARM model's context), "
+        "llm:MODEL (local chat model, asked A or B in both orders), lsc(JUDGE, ..., ref=candidates) "
         "(pointwise judges combined by the LSC transform)",
     ),
     output: str = typer.Option("comparisons.jsonl", "--output", "-o", help="comparisons (input of preftune rank)"),
