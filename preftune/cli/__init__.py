@@ -491,37 +491,6 @@ def inspect_cmd(
 # ------------------------------------------------------------------------------ end of inspect ---
 
 
-# ------------------------------------------------- value-search (owner: preftune/eval/value_search.py) ---
-from preftune.eval.value_search import SearchConfig  # noqa: E402  (pydantic only: `preftune --help` stays fast)
-
-
-@config_command(app, "value-search", SearchConfig, "prompts", "model", "critic", ("output", "-o"), "width",
-                "max_steps", "max_step_tokens", "max_length", "temperature", "seed", "device")
-def value_search_cmd(
-    set_: list[str] = set_option(SearchConfig),
-    *,
-    overrides: dict[str, Any],
-) -> None:
-    """OREO's value-guided beam search: steps sampled from the policy, kept or dropped by the critic's value
-    (a `--loss oreo` run's output/model and output/critic); one answer per prompt."""
-    from preftune.eval.value_search import run_search
-    from preftune.train.config import load_config, parse_set
-
-    with _user_errors():
-        cfg = load_config(None, {**overrides, **parse_set(set_ or [])}, model=SearchConfig)
-        path = run_search(cfg, log=lambda m: typer.echo(m, err=True))
-    typer.echo(f"written: {path}")
-
-
-# ------------------------------------------------------------------------- end of value-search ---
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
 # ------------------------------------------------- data builders (owner: preftune/online/annotate.py) ---
 from preftune.online.annotate import BrainDataConfig, RationalesConfig  # noqa: E402  (pydantic only)
 
@@ -561,3 +530,34 @@ def data_brain_cmd(*, overrides: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- end of data builders ---
 
 
+# ------------------------------------------------- value-search (owner: preftune/eval/value_search.py) ---
+from preftune.eval.value_search import SearchConfig  # noqa: E402  (pydantic only: `preftune --help` stays fast)
+
+
+@config_command(app, "value-search", SearchConfig, "prompts", "model", "critic", ("output", "-o"), "width",
+                "max_steps", "max_step_tokens", "max_length", "temperature", "seed", "device")
+def value_search_cmd(
+    set_: list[str] = set_option(SearchConfig),
+    *,
+    overrides: dict[str, Any],
+) -> None:
+    """OREO's value-guided beam search: steps sampled from the policy, kept or dropped by the critic's value
+    (a `--loss oreo` run's output/model and output/critic); one answer per prompt."""
+    from preftune.eval.value_search import run_search
+    from preftune.train.config import load_config, parse_set
+
+    with _user_errors():
+        cfg = load_config(None, {**overrides, **parse_set(set_ or [])}, model=SearchConfig)
+        path = run_search(cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"written: {path}")
+
+
+# ------------------------------------------------------------------------- end of value-search ---
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -192,7 +192,6 @@ class PolicyForward(Forward):
         if critic is not None and critics.critic_only(obj):
             policy.requires_grad_(False)
 
-
     def attach(self, runner: Runner) -> None:
         if self.engine.critic is not None and runner.kind in ("fsdp2", "deepspeed"):
             raise ValueError(f"objective '{self.obj.name}' trains a critic beside the policy, which is not tested "
@@ -416,7 +415,6 @@ class Runner:
             if not params:  # oreo_value: the critic alone trains
                 return self.critic_grad_norm
         return float(self.acc.clip_grad_norm_(params, max_norm))
-
 
     def reduce(self, sums: dict) -> dict[str, float]:
         """Means over every example of every micro-batch and process (NaN entries excluded)."""
