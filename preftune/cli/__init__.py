@@ -527,6 +527,22 @@ def data_brain_cmd(*, overrides: dict[str, Any]) -> None:
     typer.echo(f"written: {path}")
 
 
+# fspo (owner: preftune/data/fspo.py): few-shot-conditioned pairs for personalisation (METHODS.md §M8)
+from preftune.data.fspo import FspoDataConfig  # noqa: E402  (pydantic only)
+
+
+@config_command(data_app, "fspo", FspoDataConfig, "data", "output", "shots", "seed", "min_shots", "eval_users",
+                "eval_output", "pair_strategy")
+def data_fspo_cmd(*, overrides: dict[str, Any]) -> None:
+    """Prefix every pair's prompt with N other pairs of the same user (FSPO data: train with `--loss ipo` or
+    `dpo`); no model needed. Users with fewer other pairs get all of them; held-out users go to --eval-output."""
+    from preftune.data.fspo import build_fspo_file
+
+    with _user_errors():
+        paths = build_fspo_file(FspoDataConfig(**overrides), log=typer.echo)
+    typer.echo(f"written: {', '.join(map(str, paths))}")
+
+
 # --------------------------------------------------------------------------- end of data builders ---
 
 
