@@ -159,7 +159,7 @@ def test_two_step_train_on_the_builders_output(tmp_path, tiny_model_dir):
     src = _write(tmp_path / "groups.jsonl", two_group_pairs(n_prompts=3, users_per_group=1))
     out = tmp_path / "fspo.jsonl"
     assert runner.invoke(app, ["data", "fspo", str(src), str(out), "--shots", "2"]).exit_code == 0
-    args = ["train", "--model", str(tiny_model_dir), "--data", str(out), "--loss", "ipo", "--max-steps", "2",
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(out), "--loss", "ipo_sum", "--max-steps", "2",
             "--output", str(tmp_path / "run"), "--batch-size", "2"]
     for kv in ("progress=false", "plot=false", "save_model=false", "max_length=512", "max_prompt_length=448",
                "warmup_ratio=0", f"ref_cache_dir={tmp_path}/rc"):
@@ -168,6 +168,21 @@ def test_two_step_train_on_the_builders_output(tmp_path, tiny_model_dir):
     assert res.exit_code == 0, res.output + repr(res.exception)
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s][-1] == 2
+
+
+def test_golden_conditioned_pair_ipo_sum_and_dpo():
+    """§M8(d): the conditioned canonical pair (ρ_c = 1.0 / −0.5 on sums) is an ordinary pair to the registry:
+    IPO on sums, τ = 0.5: (1.5 − 1/(2·0.5))² = 0.25; DPO, β = 0.1: −logσ(0.15) = 0.620957."""
+    import torch
+
+    from preftune.losses import PolicyStats, RefStats, get
+
+    d = torch.float64
+    p = PolicyStats(torch.tensor([[-10.0, -12.0]], dtype=d), torch.tensor([[5.0, 8.0]], dtype=d))
+    r = RefStats(torch.tensor([[-11.0, -11.5]], dtype=d))
+    for name, kw, want in (("ipo_sum", {"beta": 0.5}, 0.25), ("dpo", {"beta": 0.1}, 0.620957)):
+        obj = get(name)
+        assert float(obj.fn(p, r, **obj.resolve(kw)).losses[0]) == pytest.approx(want, abs=1e-6)
 
 
 def test_per_user_accuracy_by_hand():
