@@ -6,7 +6,7 @@ front of the prompt (``preftune.data.fspo``, the training format) and on the bar
 r(y_w) > r(y_l) (a tie counts one half). A policy that learnt to personalise from shots gains accuracy from them.
 
     preftune data fspo prefs.jsonl train.jsonl --shots 4 --eval-users 2 --eval-output held.jsonl
-    preftune train --model M --data train.jsonl --loss ipo -o runs/fspo
+    preftune train --model M --data train.jsonl --loss ipo_sum -o runs/fspo
     python benchmarks/fspo_eval.py --policy runs/fspo/model --ref M --data prefs.jsonl --users B1,A0 --shots 4
 
 ``--data`` is the raw file with user_id (the held-out users' pairs and shots are drawn from it with ``--seed``,

@@ -534,8 +534,8 @@ from preftune.data.fspo import FspoDataConfig  # noqa: E402  (pydantic only)
 @config_command(data_app, "fspo", FspoDataConfig, "data", "output", "shots", "seed", "min_shots", "eval_users",
                 "eval_output", "pair_strategy")
 def data_fspo_cmd(*, overrides: dict[str, Any]) -> None:
-    """Prefix every pair's prompt with N other pairs of the same user (FSPO data: train with `--loss ipo` or
-    `dpo`); no model needed. Users with fewer other pairs get all of them; held-out users go to --eval-output."""
+    """Prefix every pair's prompt with N other pairs of the same user (FSPO data: train with `--loss ipo_sum`
+    or `dpo`); no model needed. Users with fewer other pairs get all of them; held-out users go to --eval-output."""
     from preftune.data.fspo import build_fspo_file
 
     with _user_errors():

@@ -1,8 +1,8 @@
 """FSPO episodes (METHODS.md §M8): few-shot-conditioned preference pairs for personalisation.
 
 Each user is a task. For every pair (x, y_w, y_l) of a user, the prompt is prefixed with N *other* pairs of
-the same user as in-context examples, so a policy trained with any paired objective (IPO or DPO, as in the
-paper) on the result learns to prefer what a user prefers from that user's few shots::
+the same user as in-context examples, so a policy trained with any paired objective (IPO on sums, `ipo_sum`,
+or DPO) on the result learns to prefer what a user prefers from that user's few shots::
 
     records, _ = load_and_validate("prefs.jsonl", objective_shape="paired")   # records carry user_id
     rows, stats = fspo_episodes(records, n_shots=4, seed=0)                     # ordinary pair rows
