@@ -203,6 +203,7 @@ def _load_all() -> None:
         reward,
         selfplay,
         token,
+        tree,
         unpaired,
     )
 

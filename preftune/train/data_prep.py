@@ -26,7 +26,8 @@ def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=p
     the objective's data shape."""
     from preftune import data
 
-    if "terminal_reward" in obj.inputs:  # OREO: every trajectory with its reward (data/trajectories.py)
+    # OREO: every trajectory with its reward; TPO trees: every response with its score and steps (data/trajectories.py)
+    if "terminal_reward" in obj.inputs or "step_ids" in obj.inputs:
         from preftune.data.trajectories import load_trajectories
 
         examples, issues = load_trajectories(path, split=split, skip_invalid=cfg.skip_invalid)

@@ -34,6 +34,10 @@ prior_logps        BRAIn: the prior's log-probs; absent from the data, the prior
                    (``proposal_logps``: responses sampled from the SFT model itself).
 terminal_reward    OREO: the trajectory reward R — a ``terminal_reward`` column, else ``scores``,
                    else the label (1 desirable / 0 undesirable).
+step_ids           TPO trees: each response token's step index (−1 off the response), steps starting at the
+                   data's ``steps`` (``step_chars``) or after newlines (model/critic.py ``state_mask``).
+step_hidden        TPO trees: the policy's last-layer hidden states pooled per step (B, K, S, H), from a
+                   separate no-grad forward (one row per response): a_{i,s} takes no gradient anyway.
 =================  ==========================================================================
 """
 
@@ -172,6 +176,27 @@ def _terminal_reward(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     raise ValueError("terminal_reward needs a terminal_reward, scores or label column")
 
 
+
+def _tree_steps(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    from preftune.losses.tree import clip_steps, step_means
+    from preftune.model.critic import state_mask
+
+    B, K, T = packed.B, packed.K, max(packed.T, 1)
+    starts = state_mask(batch, T, runner.tokenizer, {"step_level": True})  # (B, K, T) first token of each step
+    in_response = torch.arange(T) < packed.lengths.cpu().unsqueeze(-1)  # (B, K, T)
+    ids = torch.where(in_response, starts.long().cumsum(-1) - 1, -1)
+    p = _unshared(runner, batch, packed)
+    model = runner.base_engine.model
+    with torch.no_grad(), runner.acc.autocast():
+        out = model(input_ids=p.input_ids, attention_mask=p.attention_mask, output_hidden_states=True)
+    last = out.hidden_states[-1].float()  # (N, L, H); a response token's own position is pred_pos + 1
+    grid = last.new_zeros(B * K, T, last.shape[-1])
+    grid[p.token_slot, p.token_index] = last[p.pred_rows, p.pred_pos + 1]
+    device = policy.logps.device
+    ids = clip_steps(ids.to(device), packed.valid.to(device))
+    pooled, _ = step_means(grid.view(B, K, T, -1).to(device), ids, max(int(ids.max().item()) + 1, 1))
+    return {"step_ids": ids, "step_hidden": pooled}
+
 PROVIDERS: tuple[Provider, ...] = (
     Provider(
         ("kl_logps", "ref_kl_logps"),
@@ -234,6 +259,11 @@ PROVIDERS: tuple[Provider, ...] = (
     ),
     Provider(
         ("terminal_reward",), _terminal_reward, "a terminal_reward column, else scores, else the label as 1/0"
+    ),
+    Provider(
+        ("step_ids", "step_hidden"), _tree_steps,
+        "each response token's step (steps from the data's `steps`, else split after newlines; indices past the "
+        "group's shortest response clipped) and the policy's last-layer hidden states pooled per step (no grad)",
     ),
 )
 _BY_KEY = {k: p for p in PROVIDERS for k in p.keys}

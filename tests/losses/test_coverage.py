@@ -76,6 +76,9 @@ COVERAGE = {
     "exo_k": {"parity", "property", "stability"},
     "adpo_list": {"parity", "property", "stability"},
     "brain": {"golden", "parity", "property", "stability"},  # tests/losses/test_brain.py
+    "tpo_tree": {"golden", "parity", "property", "stability"},  # tests/losses/test_tpo_tree.py
+    "mapl_intra": {"golden", "parity", "stability"},  # tests/losses/test_mapl.py
+    "mapl_inter": {"golden", "parity", "stability"},  # tests/losses/test_mapl.py
     # Part G — tests/losses/test_reward_losses.py
     "rm_bt": {"golden", "parity", "stability"},
     "rm_bt_margin": {"golden", "parity", "stability"},
