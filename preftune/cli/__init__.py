@@ -543,6 +543,23 @@ def data_fspo_cmd(*, overrides: dict[str, Any]) -> None:
     typer.echo(f"written: {', '.join(map(str, paths))}")
 
 
+# mapl (owner: preftune/data/mapl.py): MAPL's intra- and inter-sample pairs for multi-instruction prompts (§M5)
+from preftune.data.mapl import MaplDataConfig  # noqa: E402  (pydantic only)
+
+
+@config_command(data_app, "mapl", MaplDataConfig, "data", "output", "instructions", "families", "levels",
+                "keep_original", "seed", "pair_strategy")
+def data_mapl_cmd(*, overrides: dict[str, Any]) -> None:
+    """Add MAPL's multi-level pairs: one response under a prompt with instructions it meets vs one it violates
+    (pair_prompts, intra-sample) and instruction-augmented pairs ordered by compliance (inter-sample); no model
+    needed. Train with `--loss mapl_intra` (or mapl_inter)."""
+    from preftune.data.mapl import build_mapl_file
+
+    with _user_errors():
+        path = build_mapl_file(MaplDataConfig(**overrides), log=typer.echo)
+    typer.echo(f"written: {path}")
+
+
 # --------------------------------------------------------------------------- end of data builders ---
 
 

@@ -29,6 +29,7 @@ class Example:
     source: str = "<memory>"
     line: int = 0
     rationale: Text | None = None  # RDPO / R-ORPO: why responses[0] beats responses[1] (METHODS.md §M3)
+    prompts: list[Text] | None = None  # MAPL: one prompt per response (pair_prompts), instead of ``prompt``
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +175,7 @@ def to_pairs(
         for j, (w, l) in enumerate(pairs):
             ex = _select(record, [w, l])
             ex.rationale = record.rationales[j] if record.rationales is not None else None
+            ex.prompts = list(record.pair_prompts[j]) if record.pair_prompts is not None else None
             out.append(ex)
     _finish(issues, own)
     return out

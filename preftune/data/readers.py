@@ -500,7 +500,7 @@ def detect_layout(keys: Iterable[str], source: str = "<data>") -> Layout:
 
 # Record fields any layout may carry under their own names (responses in the layout's order: chosen, rejected).
 RECORD_COLUMNS = ("margin_rewards", "objective_names", "user_id", "pair_contexts", "rationales", "proposal_logps",
-                  "prior_logps")
+                  "prior_logps", "pair_prompts")
 
 
 def row_to_record(row: dict, layout: Layout, source: str, line: int) -> PreferenceRecord:

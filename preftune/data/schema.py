@@ -49,6 +49,9 @@ class PreferenceRecord:
     user_id: str | int | None = None
     # The context / criterion each pair was judged under (METHODS.md §M12, CARM): one string per ``pairs`` entry.
     pair_contexts: list[str] | None = None
+    # MAPL intra-sample pairs (METHODS.md §M5): per ``pairs`` entry, [prompt of the winner, prompt of the loser], for
+    # one response under two prompts (data/mapl.py); the winner and the loser are scored each under its own prompt.
+    pair_prompts: list[list[Text]] | None = None
     # Extra numeric columns: a number per record, or a list with one number per response
     # (HelpSteer2's other ratings, win probabilities, judge scores...). Derivation carries them
     # into ``Example.inputs`` under the same key.

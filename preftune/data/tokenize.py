@@ -148,13 +148,17 @@ def tokenize_example(
     way (``rationale_template``/``rationale_order``: preftune/data/rationales.py).
     """
     _check_lengths(max_length, max_prompt_length, truncation_mode)
-    rendered = render_example(example.prompt, example.responses, tokenizer, chat_template)
-    prompt_tok, *fulls = _encode(tokenizer, [rendered.prompt, *rendered.fulls], rendered.templated)
-    eos = tokenizer.eos_token_id
-    if add_eos and not rendered.templated and eos is not None:
-        fulls = [f if f and f[-1] == eos else f + [eos] for f in fulls]
-    n = _common_prefix_len([prompt_tok, *fulls])
-    prompt_ids, responses = prompt_tok[:n], [f[n:] for f in fulls]
+    own_prompts = getattr(example, "prompts", None)
+    if own_prompts is not None:  # MAPL: each response under its own prompt
+        prompt_ids, responses, own = _per_response_prompts(example, own_prompts, tokenizer, chat_template, add_eos)
+    else:
+        rendered = render_example(example.prompt, example.responses, tokenizer, chat_template)
+        prompt_tok, *fulls = _encode(tokenizer, [rendered.prompt, *rendered.fulls], rendered.templated)
+        eos = tokenizer.eos_token_id
+        if add_eos and not rendered.templated and eos is not None:
+            fulls = [f if f and f[-1] == eos else f + [eos] for f in fulls]
+        n = _common_prefix_len([prompt_tok, *fulls])
+        prompt_ids, responses = prompt_tok[:n], [f[n:] for f in fulls]
 
     prompt_truncated = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
     if prompt_truncated:
@@ -168,7 +172,7 @@ def tokenize_example(
     out = TokenizedExample(
         prompt_ids,
         responses,
-        dict(example.inputs),
+        dict(example.inputs) if own_prompts is None else {**example.inputs, "prompt_tokens": own},
         example.source,
         example.line,
         prompt_truncated=prompt_truncated,
@@ -182,6 +186,30 @@ def tokenize_example(
             max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
             add_eos=add_eos)
     return out
+
+
+def _per_response_prompts(example: Example, prompts: list[Text], tokenizer: Any, chat_template: str,
+                          add_eos: bool) -> tuple[list[int], list[list[int]], list[float]]:
+    """(shared prompt ids, responses, per response the count of its leading tokens that are its own prompt's).
+
+    Response k is rendered after prompt k; the shared prompt is the tokens every full text and prompt begin with,
+    so each response starts with the rest of its prompt (e.g. MAPL's added instructions), which the objective
+    must not score (``inputs['prompt_tokens']``)."""
+    if len(prompts) != len(example.responses):
+        raise ValueError(f"{example.source}:{example.line}: pair_prompts: {len(prompts)} prompts for "
+                         f"{len(example.responses)} responses")
+    prompt_toks, fulls = [], []
+    eos = tokenizer.eos_token_id
+    for prompt, response in zip(prompts, example.responses, strict=True):
+        rendered = render_example(prompt, [response], tokenizer, chat_template)
+        p, f = _encode(tokenizer, [rendered.prompt, rendered.fulls[0]], rendered.templated)
+        if add_eos and not rendered.templated and eos is not None and (not f or f[-1] != eos):
+            f = f + [eos]
+        prompt_toks.append(p)
+        fulls.append(f)
+    n = _common_prefix_len([*prompt_toks, *fulls])
+    own = [float(_common_prefix_len([p, f]) - n) for p, f in zip(prompt_toks, fulls, strict=True)]
+    return fulls[0][:n], [f[n:] for f in fulls], own
 
 
 def tokenize_examples(examples: list[Example], tokenizer: Any, **kwargs: Any) -> list[TokenizedExample]:

@@ -266,6 +266,28 @@ def _check_user_and_contexts(record: PreferenceRecord) -> list[Problem]:
     return problems
 
 
+
+def _check_pair_prompts(record: PreferenceRecord) -> list[Problem]:
+    """``pair_prompts`` (MAPL, METHODS.md §M5): per entry of ``pairs``, [winner's prompt, loser's prompt], each a
+    prompt (text or messages); it needs the record's explicit pairs."""
+    values = record.pair_prompts
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        return [("pair_prompts", f"expected a list with one [winner prompt, loser prompt] per pair, got "
+                                 f"{_type_name(values)}")]
+    if not isinstance(record.pairs, list):
+        return [("pair_prompts", "needs explicit pairs ([winner, loser] indices): one prompt pair per pair")]
+    if len(values) != len(record.pairs):
+        return [("pair_prompts", f"has {len(values)} prompt pair(s) for {len(record.pairs)} pair(s)")]
+    problems: list[Problem] = []
+    for i, v in enumerate(values):
+        if not isinstance(v, list) or len(v) != 2:
+            problems.append((f"pair_prompts[{i}]", f"expected [winner prompt, loser prompt], got {v!r}"))
+            continue
+        problems += _check_text(v[0], f"pair_prompts[{i}][0]") + _check_text(v[1], f"pair_prompts[{i}][1]")
+    return problems
+
 def _check_rationales(record: PreferenceRecord) -> list[Problem]:
     """RDPO / R-ORPO (METHODS.md §M3): one non-blank rationale per entry of ``pairs``; a record without explicit
     pairs has one pair (chosen/rejected, or the best/worst derived one), so exactly one rationale."""
@@ -378,7 +400,7 @@ def structural_problems(record: PreferenceRecord) -> list[Problem]:
     problems += _check_attributes(record.attributes)
     problems += _check_margin_rewards(record, k)
     problems += _check_rationales(record) + _check_sample_logps(record, k)
-    problems += _check_user_and_contexts(record)
+    problems += _check_user_and_contexts(record) + _check_pair_prompts(record)
     return problems
 
 
@@ -404,8 +426,9 @@ def _paired(record: PreferenceRecord, min_responses: int) -> list[DataIssue]:
             record.field_name(f"responses[{l}]"),
             f"identical to {record.field_name(f'responses[{w}]')} (a pair needs two different responses)",
         )
-        for w, l in pairs
+        for j, (w, l) in enumerate(pairs)
         if _same(record.responses[w], record.responses[l])
+        and not (record.pair_prompts and j < len(record.pair_prompts))  # one response under two prompts (MAPL)
     ]
 
 

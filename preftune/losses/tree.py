@@ -139,9 +139,23 @@ def tpo_tree(policy: PolicyStats, ref: RefStats | None = None, beta: float = 0.5
 # MAPL
 
 
+def own_prompt_ratios(policy: PolicyStats, ref: RefStats) -> Tensor:
+    """(B, K) ρ over the response tokens after each response's own prompt tokens (``inputs['prompt_tokens']``,
+    records with pair_prompts); the sequence log-ratios when there are none or no per-token log-probs."""
+    own = policy.inputs.get("prompt_tokens")
+    if own is None or policy.token_logps is None or ref.token_logps is None:
+        return log_ratios(policy, ref)
+    T = policy.token_logps.shape[-1]
+    scored = torch.arange(T, device=own.device) >= own.unsqueeze(-1)  # (B, K, T)
+    if policy.token_mask is not None:
+        scored = scored & policy.token_mask
+    diff = policy.token_logps - ref.token_logps
+    return torch.where(scored, diff, torch.zeros_like(diff)).sum(-1)
+
+
 def _dpo_form(policy: PolicyStats, ref: RefStats | None, beta: float, name: str) -> LossOutput:
     ref = require_ref(ref, name)
-    rho = log_ratios(policy, ref)
+    rho = own_prompt_ratios(policy, ref)
     if rho.shape[1] != 2:
         raise ValueError(f"objective '{name}' needs pairs (K = 2), got K = {rho.shape[1]}")
     margin = beta * (rho[:, 0] - rho[:, 1])
@@ -155,8 +169,11 @@ def _dpo_form(policy: PolicyStats, ref: RefStats | None, beta: float, name: str)
     paper="Multi-Level Aware Preference Learning: Enhancing RLHF for Complex Multi-Instruction Tasks",
     arxiv="2505.12845",
     hyperparameters={"beta": Hyper(0.1, 0.0, None, low_open=True, help="β")},
+    inputs=("prompt_tokens",),
+    token_level=True,
     notes="Pairs of one response under two prompts: records with pair_prompts ([x_w, x_l] per pair), written by "
-    "`preftune data mapl`; plain pairs train as DPO. The DPO form across prompts is the Rc-DPO reading "
+    "`preftune data mapl`; each response is scored under its own prompt (its prompt's tokens after the shared "
+    "beginning are not scored); plain pairs train as DPO. The DPO form across prompts is the Rc-DPO reading "
     "[UNVERIFIED]: β·log Z(x) does not cancel between x_w and x_l.",
 )
 def mapl_intra(policy: PolicyStats, ref: RefStats | None = None, beta: float = 0.1) -> LossOutput:
@@ -170,8 +187,11 @@ def mapl_intra(policy: PolicyStats, ref: RefStats | None = None, beta: float = 0
     paper="Multi-Level Aware Preference Learning: Enhancing RLHF for Complex Multi-Instruction Tasks",
     arxiv="2505.12845",
     hyperparameters={"beta": Hyper(0.1, 0.0, None, low_open=True, help="β")},
+    inputs=("prompt_tokens",),
+    token_level=True,
     notes="Ordinary pairs: the original ones and the inter-sample ones `preftune data mapl` appends "
-    "(HIGH-LEVEL in METHODS.md §M5; construction [UNVERIFIED], docs/objectives_notes.md).",
+    "(HIGH-LEVEL in METHODS.md §M5; construction [UNVERIFIED], docs/objectives_notes.md); records with "
+    "pair_prompts train as in mapl_intra, so one file holds every level (L = L_pair + L_intra + L_inter, λ = 1).",
 )
 def mapl_inter(policy: PolicyStats, ref: RefStats | None = None, beta: float = 0.1) -> LossOutput:
     return _dpo_form(policy, ref, beta, "mapl_inter")

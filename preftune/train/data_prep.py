@@ -59,6 +59,13 @@ def load_examples(path: str, obj, cfg: TrainConfig, tokenizer, split=None, log=p
         raise
     if not examples:
         raise ValueError(f"{path}: no usable examples for objective '{obj.name}', which needs {obj.data_needs}")
+    if "prompt_tokens" in obj.inputs:  # MAPL: pair_prompts records score each response under its own prompt
+        for e in examples:
+            e.inputs.setdefault("prompt_tokens", [0.0] * len(e.responses))  # tokenisation counts the own ones
+    elif any(getattr(e, "prompts", None) is not None for e in examples):
+        e = next(e for e in examples if getattr(e, "prompts", None) is not None)
+        raise ValueError(f"{e.source}:{e.line}: pair_prompts: objective '{obj.name}' scores both responses under "
+                         "the record's prompt; train records with pair_prompts with --loss mapl_intra or mapl_inter")
     check_inputs(examples, obj, path)
     if "rationale_logps" not in obj.inputs:  # only RDPO / R-ORPO score rationales; others train on the pair alone
         for e in examples:

@@ -36,6 +36,8 @@ terminal_reward    OREO: the trajectory reward R — a ``terminal_reward`` colum
                    else the label (1 desirable / 0 undesirable).
 step_ids           TPO trees: each response token's step index (−1 off the response), steps starting at the
                    data's ``steps`` (``step_chars``) or after newlines (model/critic.py ``state_mask``).
+prompt_tokens      MAPL: per response, its leading tokens that belong to its own prompt (records with
+                   ``pair_prompts``, counted at tokenisation); 0 for records without.
 step_hidden        TPO trees: the policy's last-layer hidden states pooled per step (B, K, S, H), from a
                    separate no-grad forward (one row per response): a_{i,s} takes no gradient anyway.
 =================  ==========================================================================
@@ -197,6 +199,10 @@ def _tree_steps(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     pooled, _ = step_means(grid.view(B, K, T, -1).to(device), ids, max(int(ids.max().item()) + 1, 1))
     return {"step_ids": ids, "step_hidden": pooled}
 
+
+def _no_own_prompts(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
+    return {"prompt_tokens": policy.logps.new_zeros(policy.logps.shape)}
+
 PROVIDERS: tuple[Provider, ...] = (
     Provider(
         ("kl_logps", "ref_kl_logps"),
@@ -259,6 +265,11 @@ PROVIDERS: tuple[Provider, ...] = (
     ),
     Provider(
         ("terminal_reward",), _terminal_reward, "a terminal_reward column, else scores, else the label as 1/0"
+    ),
+    Provider(
+        ("prompt_tokens",), _no_own_prompts,
+        "records with pair_prompts: each response's leading tokens that are its own prompt's (counted when "
+        "tokenising); 0 for the others",
     ),
     Provider(
         ("step_ids", "step_hidden"), _tree_steps,

@@ -47,3 +47,19 @@ def test_large_ratios_stay_finite(name):
     assert torch.isfinite(out.losses).all() and torch.isfinite(p.grad).all()
     assert out.losses[0].item() == 0.0 and out.losses[1].item() == pytest.approx(2e4)
     assert math.isfinite(p.grad.abs().max().item())
+
+
+def test_own_prompt_tokens_are_not_scored():
+    # Two responses of 4 tokens; the first 2 (winner) and 1 (loser) tokens are their own prompts' instruction tokens.
+    rng = np.random.default_rng(0)
+    lp, lr = rng.normal(size=(1, 2, 4)), rng.normal(size=(1, 2, 4))
+    tok = torch.tensor(lp, requires_grad=True)
+    pol = PolicyStats(logps=tok.sum(-1), lengths=torch.full((1, 2), 4.0), token_logps=tok,
+                      token_mask=torch.ones(1, 2, 4, dtype=torch.bool),
+                      inputs={"prompt_tokens": torch.tensor([[2.0, 1.0]])})
+    ref = RefStats(logps=torch.tensor(lr.sum(-1)), token_logps=torch.tensor(lr))
+    out = get("mapl_intra").fn(pol, ref, beta=0.5)
+    rw, rl = (lp - lr)[0, 0, 2:].sum(), (lp - lr)[0, 1, 1:].sum()
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(-0.5 * (rw - rl))), abs=1e-12)
+    out.losses.sum().backward()
+    assert (tok.grad[0, 0, :2] == 0).all() and (tok.grad[0, 1, :1] == 0).all() and (tok.grad[0, :, 2:] != 0).all()

@@ -161,3 +161,47 @@ def test_hidden_states_get_no_gradient_and_large_ratios_stay_finite():
     loss = TPO(pol, ref).losses.sum()
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all() and h.grad is None
+
+
+def test_trainer_gives_step_ids_from_the_data_steps_and_pooled_hidden_states(tmp_path):
+    """The provider's step ids follow the records' steps; its step_hidden equals an explicit float32 forward of the
+    policy, one row per response, averaged over each (clipped) step's tokens."""
+    import json
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from preftune.data.collate import collate
+    from preftune.data.tokenize import tokenize_examples
+    from preftune.data.trajectories import load_trajectories
+    from preftune.model.engine import pack
+    from preftune.testing import tiny_model, tiny_tokenizer
+    from preftune.train.inputs import _tree_steps
+
+    rows = [{"prompt": "Q:", "responses": ["ab cd", "ab ef gh"], "scores": [1, 0],
+             "steps": [["ab ", "cd"], ["ab ", "ef ", "gh"]]}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok, model = tiny_tokenizer(), tiny_model("llama", seed=0).eval()
+    examples, _ = load_trajectories(path)
+    batch = collate(tokenize_examples(examples, tok, chat_template="never"))
+    packed = pack(batch.prompt_ids, batch.response_ids, tok.pad_token_id)
+    policy = PolicyStats(logps=torch.zeros(1, 2), lengths=packed.lengths)
+    runner = SimpleNamespace(tokenizer=tok, base_engine=SimpleNamespace(model=model), pad_id=tok.pad_token_id,
+                             acc=SimpleNamespace(device="cpu", autocast=nullcontext))
+    got = _tree_steps(runner, batch, packed, policy, None)
+    texts = [tok.decode(r) for r in batch.response_ids[0]]
+    ids = got["step_ids"][0]
+    for k, per in enumerate(rows[0]["steps"]):
+        n = len(batch.response_ids[0][k])
+        assert (ids[k, n:] == -1).all()
+        # tokens before the second step's first character are step 0; the rest (clipped at S_min = 2) are step 1
+        first = sum(1 for j in range(n) if len(tok.decode(batch.response_ids[0][k][: j + 1])) <= len(per[0]))
+        assert ids[k, :first].tolist() == [0] * first and ids[k, first:n].tolist() == [1] * (n - first), texts[k]
+    with torch.no_grad():
+        for k in range(2):
+            seq = batch.prompt_ids[0] + batch.response_ids[0][k]
+            h = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]
+            resp = h[len(batch.prompt_ids[0]):]
+            for s in range(2):
+                want = resp[: len(batch.response_ids[0][k])][ids[k, : len(batch.response_ids[0][k])] == s].mean(0)
+                torch.testing.assert_close(got["step_hidden"][0, k, s], want, atol=1e-5, rtol=1e-5)
