@@ -205,3 +205,22 @@ def test_trainer_gives_step_ids_from_the_data_steps_and_pooled_hidden_states(tmp
             for s in range(2):
                 want = resp[: len(batch.response_ids[0][k])][ids[k, : len(batch.response_ids[0][k])] == s].mean(0)
                 torch.testing.assert_close(got["step_hidden"][0, k, s], want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_steps_are_refused_with_file_line_and_field(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from preftune.cli import app
+    from preftune.testing import save_tiny_model
+
+    good = {"prompt": "Q:", "responses": ["ab cd", "ab ef"], "scores": [1, 0], "steps": [["ab ", "cd"], ["ab ", "ef"]]}
+    rows = [good, {**good, "steps": [["ab ", "cd"], ["ab ", "xx"]]}]  # line 2: steps[1] do not join to "ab ef"
+    data = tmp_path / "trees.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = save_tiny_model(tmp_path / "m", "llama", seed=0)
+    res = CliRunner().invoke(app, ["train", "--model", str(model), "--data", str(data), "--loss", "tpo_tree",
+                                   "--max-steps", "1", "--output", str(tmp_path / "never")])
+    assert res.exit_code == 2, res.output
+    assert "trees.jsonl:2" in res.output and "steps[1]" in res.output and "differ" in res.output
