@@ -589,7 +589,19 @@ def value_search_cmd(
 
 
 def main() -> None:
-    app()
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app()
+        return
+    # under accelerate launch / torchrun: every process ends through end_launch (train/distributed.py)
+    from preftune.train.distributed import end_launch
+
+    try:
+        app()
+    except SystemExit as e:
+        end_launch(e.code)
+    end_launch(0)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,19 @@ def _plain_lm(model: nn.Module) -> nn.Module:
     return lm
 
 
+def load_value_model(path: str):
+    """A critic for OREO: any ``AutoModelForTokenClassification`` folder with ``num_labels = 1``."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise ValueError(
+            f"value_model {path}: expected a token-classification model with num_labels=1, "
+            f"got {model.config.num_labels}"
+        )
+    return model
+
+
 def new_critic(model: nn.Module, *, value_model: str | None = None, disable_dropout: bool = True) -> Critic:
     """The run's initial critic: ``value_model`` (a token-classification folder with one label, e.g. a previous
     run's ``output/critic``), else the authors' default, a copy of ``model``'s backbone (the initial policy, before
@@ -111,8 +124,6 @@ def new_critic(model: nn.Module, *, value_model: str | None = None, disable_drop
     from transformers import AutoModelForTokenClassification
 
     if value_model is not None:
-        from preftune.train.inputs import load_value_model
-
         critic = Critic(load_value_model(value_model))
     else:
         lm = _plain_lm(model)
@@ -162,8 +173,6 @@ def save_critic(critic: Critic, folder: Path, tokenizer=None) -> Path:
 
 def load_critic(path: str | Path) -> Critic:
     """A critic saved by ``save_critic`` (a run's ``output/critic``, or the run folder itself), in eval mode."""
-    from preftune.train.inputs import load_value_model
-
     path = Path(path)
     if (path / CRITIC_DIR / "config.json").is_file():
         path = path / CRITIC_DIR

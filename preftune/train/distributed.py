@@ -90,6 +90,30 @@ def _destroy_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def end_launch(code: int | str | None = 0) -> None:
+    """End a process of a multi-process launch now, with exit status ``code``: the process group destroyed,
+    output and logs flushed, then ``os._exit``. Even with the group destroyed, a finished worker sometimes still
+    aborted in the interpreter's teardown (gloo's C++ objects that a wrapper still referenced, destroyed by static
+    destructors while their threads were joinable: SIGABRT, which fails the whole launch). Exiting here skips that
+    teardown; everything the run writes is written and closed before. Outside a launch it only raises SystemExit."""
+    import logging
+    import sys
+
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise SystemExit(status)
+    _destroy_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say on it
+            pass
+    os._exit(status)
+
+
 def deepspeed_launch() -> bool:
     """Whether the launcher asked for DeepSpeed (then the Accelerator must not be told ``cpu=True``, which
     makes accelerate drop DeepSpeed for plain data parallel)."""

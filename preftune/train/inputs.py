@@ -129,19 +129,6 @@ def _token_rm_logps(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     return {"token_rm_logps": tok}
 
 
-def load_value_model(path: str):
-    """A critic for OREO: any ``AutoModelForTokenClassification`` folder with ``num_labels = 1``."""
-    from transformers import AutoModelForTokenClassification
-
-    model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32)
-    if model.config.num_labels != 1:
-        raise ValueError(
-            f"value_model {path}: expected a token-classification model with num_labels=1, "
-            f"got {model.config.num_labels}"
-        )
-    return model
-
-
 def _engine_critic(runner, batch, packed, policy, ref) -> dict[str, Tensor]:
     # The engine fills values (its critic) and policy_kl (a live reference) in every forward of an OREO run.
     raise ValueError("OREO's values and KL(π_θ‖π_ref) come from the engine's forward (its critic, model/critic.py, "

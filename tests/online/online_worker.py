@@ -53,3 +53,6 @@ def main(log: str, args: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    from preftune.train.distributed import end_launch
+
+    end_launch(0)  # as the CLI ends a launched process (a teardown abort would fail the launch)

@@ -30,3 +30,6 @@ def main(model_dir: str, data: str, out: str, batch_size: int, result: str) -> N
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    from preftune.train.distributed import end_launch
+
+    end_launch(0)  # as the CLI ends a launched process (a teardown abort would fail the launch)

@@ -109,3 +109,6 @@ def main(spec: dict) -> None:
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]))
+    from preftune.train.distributed import end_launch
+
+    end_launch(0)  # as the CLI ends a launched process (a teardown abort would fail the launch)
