@@ -24,6 +24,8 @@ CELL_FIXED: dict[str, Any] = {"algorithm": "iterative_dpo", "iterations": 1, "re
 GRID_KEYS = ("task", "seed", "loss", "loss_params", "beta", "output", "resume")
 # A grid's cells show no progress bars and write no per-cell plots unless ``base`` asks for them, and log the
 # training dynamics (likelihood displacement per objective: the comparison's own question) unless told not to.
+# base settings that change how a run is shown or how fast it goes, not what it computes.
+RUN_ONLY = ("threads", "progress", "plot")
 CELL_DEFAULTS: dict[str, Any] = {"progress": False, "plot": False, "dynamics": True}
 
 
@@ -208,8 +210,10 @@ class CompareConfig(BaseModel):
         return OnlineConfig(**spec)
 
     def shared(self) -> dict[str, Any]:
-        """What every cell's run depends on besides its own coordinates: a resumed grid must keep it."""
-        return {"base": self.base, "objective_params": self.objective_params}
+        """What every cell's run depends on besides its own coordinates: a resumed grid must keep it. How the
+        run is shown and how many threads it uses change no result, so a resume may change them."""
+        base = {k: v for k, v in self.base.items() if k not in RUN_ONLY}
+        return {"base": base, "objective_params": self.objective_params}
 
 
 # ---------------------------------------------------------------------------------------------- objectives

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from preftune.compare.config import Cell, CompareConfig
+from preftune.compare.config import RUN_ONLY, Cell, CompareConfig
 from preftune.online import store
 from preftune.online.store import IterationDir
 
@@ -64,6 +64,7 @@ def check_output(cfg: CompareConfig, out: Path) -> None:
         raise ValueError(f"{out} already holds a compare grid; pass --resume to continue it, or choose "
                          "another --output")
     old = store.read_json(path)
+    old["base"] = {k: v for k, v in old.get("base", {}).items() if k not in RUN_ONLY}  # grids written before
     new = json.loads(json.dumps(cfg.shared()))  # as JSON reads it back (tuples → lists)
     changed = [f"{k}.{f}" for k in new for f in sorted(set(old.get(k, {})) | set(new[k]))
                if old.get(k, {}).get(f) != new[k].get(f)]

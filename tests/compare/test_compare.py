@@ -265,6 +265,9 @@ def test_cli_error_and_resume_with_other_shared_settings_refused(tmp_path):
                             output=str(folder), resume=True)
     with pytest.raises(ValueError, match=r"other shared settings \(base.max_new_tokens\)"):
         check_output(changed, folder)
+    # threads, progress bars and plots change no result: a resume may change them
+    check_output(CompareConfig(objectives=["dpo"], tasks=[TASK], base={**BASE, "threads": 2, "progress": True},
+                               output=str(folder), resume=True), folder)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(ValueError, match="holds no compare grid"):
