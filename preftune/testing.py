@@ -188,3 +188,26 @@ def online_run_killed_after(full_run: str | Path, dest: str | Path, done: tuple[
     (it / ("train_input.jsonl" if "build" not in done else "heldout.jsonl")).write_text('{"half": ')
     (dest / "iterations.jsonl").write_text('{"iter/t": 1, "half')
     return dest
+
+
+def train_interrupted_after(cfg, step: int) -> None:
+    """Run ``preftune train`` on ``cfg`` as if the job were killed once ``step`` optimizer steps are done (after
+    that step's checkpoint, when ``save_steps`` divides it): the resume tests' first half."""
+    from preftune.train import loop
+    from preftune.train.trainer import train
+
+    real_step = loop.Runner.train_step
+
+    def crash_after(self):
+        if self.step == step:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self)
+
+    loop.Runner.train_step = crash_after
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        return
+    finally:
+        loop.Runner.train_step = real_step
+    raise AssertionError(f"the run ended before step {step}: nothing was interrupted")

@@ -138,27 +138,17 @@ def test_value_loss_decreases_on_a_fixed_batch(tiny_model_dir, traj_file, tmp_pa
 # ------------------------------------------------------------------------------------ resume
 
 
-def test_policy_and_critic_resume_together(tiny_model_dir, traj_file, tmp_path, monkeypatch):
+def test_policy_and_critic_resume_together(tiny_model_dir, traj_file, tmp_path):
     from safetensors.torch import load_file
 
-    from preftune.train import loop
+    from preftune.testing import train_interrupted_after
 
     common = dict(max_steps=4, save_steps=2, critic_learning_rate=2e-3)
     train(_cfg(tiny_model_dir, traj_file, tmp_path / "full", **common))
     interrupted = _cfg(tiny_model_dir, traj_file, tmp_path / "resumed", **common)
-    real_step = loop.Runner.train_step
-
-    def crash_after_two(self):
-        if self.step == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(loop.Runner, "train_step", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted)
+    train_interrupted_after(interrupted, 2)
     ckpt = load_file(str(tmp_path / "resumed" / "checkpoints" / "checkpoint-0000002" / "trainable.safetensors"))
     assert any(k.startswith("critic.model.") for k in ckpt) and any(not k.startswith("critic.") for k in ckpt)
-    monkeypatch.setattr(loop.Runner, "train_step", real_step)
     train(interrupted.model_copy(update={"resume": True}))
 
     for part in ("model", "critic"):

@@ -218,29 +218,19 @@ def test_learned_masks_train_with_the_policy_by_hand_adamw(tiny_model_dir, pairs
             assert float((adamw(n, 0.0) - want).abs().max()) > 1e-6, n
 
 
-def test_learned_mask_state_resumes_and_is_saved(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+def test_learned_mask_state_resumes_and_is_saved(tiny_model_dir, pairs_file, tmp_path):
     from safetensors.torch import load_file
 
-    from preftune.train import loop
+    from preftune.testing import train_interrupted_after
 
     common = dict(max_steps=4, save_steps=2, learning_rate=5e-3)
     train(_cfg(tiny_model_dir, pairs_file, tmp_path / "full", **common))
     interrupted = _cfg(tiny_model_dir, pairs_file, tmp_path / "resumed", **common)
-    real_step = loop.Runner.train_step
-
-    def crash_after_two(self):
-        if self.step == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(loop.Runner, "train_step", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted)
+    train_interrupted_after(interrupted, 2)
     ckpt = tmp_path / "resumed" / "checkpoints" / "checkpoint-0000002" / "trainable.safetensors"
     in_ckpt = {k for k in load_file(str(ckpt)) if k.startswith("token_masks.")}
     assert in_ckpt == {f"token_masks.heads.common.{n}" for n in
                        ("norm.weight", "norm.bias", "layer_weight", "layer_bias", "mixer")}
-    monkeypatch.setattr(loop.Runner, "train_step", real_step)
     train(interrupted.model_copy(update={"resume": True}))
 
     a, b = load_mask_net(tmp_path / "full"), load_mask_net(tmp_path / "resumed")

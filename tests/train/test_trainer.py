@@ -140,24 +140,14 @@ def test_attn_implementation_reaches_the_policy(tiny_model_dir, pairs_file, tmp_
         _cfg(tiny_model_dir, pairs_file, tmp_path / "b", attn_implementation="flash")
 
 
-def test_resumed_run_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
-    from preftune.train import loop
+def test_resumed_run_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path):
+    from preftune.testing import train_interrupted_after
 
     common = dict(max_steps=4, batch_size=2, save_steps=2, learning_rate=5e-3)
     full = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "full", **common))
 
     interrupted = _cfg(tiny_model_dir, pairs_file, tmp_path / "resumed", **common)
-    real_step = loop.Runner.train_step
-
-    def crash_after_two(self):
-        if self.step == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(loop.Runner, "train_step", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted)
-    monkeypatch.setattr(loop.Runner, "train_step", real_step)
+    train_interrupted_after(interrupted, 2)
     resumed = train(interrupted.model_copy(update={"resume": True}))
 
     a = read_metrics(tmp_path / "full" / "metrics.jsonl")
