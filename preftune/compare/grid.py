@@ -172,18 +172,18 @@ def run_compare(cfg: CompareConfig, log=print) -> CompareResult:
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out)
     cells = cfg.cells()
-    todo = [c for c in cells if not finished(c.folder(out))]
+    unfinished = [c for c in cells if not finished(c.folder(out))]
     log(f"[compare] {len(cells)} cells ({len(cfg.objectives)} objectives × {len(cfg.tasks)} tasks × "
-        f"{len(cfg.seeds)} seeds{' × sweep' if cfg.sweep else ''}), {len(cells) - len(todo)} finished earlier; "
+        f"{len(cfg.seeds)} seeds{' × sweep' if cfg.sweep else ''}), {len(cells) - len(unfinished)} finished earlier; "
         f"output {out}")
     durations: list[float] = []
     failed: list[str] = []
     for n, cell in enumerate(cells, start=1):
         head = f"[compare] cell {n}/{len(cells)} {cell.label}"
-        if cell not in todo:
+        if cell not in unfinished:
             log(f"{head}: finished earlier, skipped")
             continue
-        log(f"{head}: start{_eta(durations, len(todo) - len(durations) - len(failed))}")
+        log(f"{head}: start{_eta(durations, len(unfinished) - len(durations) - len(failed))}")
         t0 = time.perf_counter()
         try:
             source = run_cell(cfg, cell, out)
@@ -197,7 +197,7 @@ def run_compare(cfg: CompareConfig, log=print) -> CompareResult:
         durations.append(time.perf_counter() - t0)
         shared = f" (samples and pairs from {source})" if source else " (sampled and judged π_0 for its group)"
         log(f"{head}: done in {durations[-1]:.0f} s{shared}{_figures(cell.folder(out))}"
-            f"{_eta(durations, len(todo) - len(durations) - len(failed))}")
+            f"{_eta(durations, len(unfinished) - len(durations) - len(failed))}")
     rows = collect_rows(cfg, out)
     files = write_tables(cfg, rows, out)
     files += write_plots(rows, out)
